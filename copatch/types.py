@@ -1,0 +1,86 @@
+"""The data that flows between the DataModules, the proposers and the `CoPatch` module.
+
+One `ImageSample` per image carries every expression that refers to something in it, so that all
+image-side work (proposals, mask embeddings, exit-layer patch features) is done once per image.
+Expressions are keyed by the dataset's own ids (`sent_id` for the REFER family, `task_id` for
+PhraseCut), never by batch position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Expression:
+    """One referring expression.
+
+    Attributes:
+        id: the dataset's expression id (`sent_id` / `task_id`); keys every output.
+        text: the raw expression as the dataset gives it.
+        ref_id: the referred object's id (REFER `ref_id`), if the dataset has one.
+    """
+
+    id: int | str
+    text: str
+    ref_id: int | None = None
+
+
+@dataclass
+class ImageSample:
+    """One image with all of its expressions.
+
+    Attributes:
+        image_id: the dataset's image id.
+        image: `[3, H, W] uint8` RGB at the original resolution.
+        expressions: the `E` expressions on this image, in a deterministic order.
+        targets: `[E, H, W] bool` ground truth per expression, or None when unknown.
+        instance_masks: `[A, H, W] bool` every annotated instance of the image (for the
+            ground-truth oracle proposer), or None.
+        file_name: where the image came from, for error messages and outputs.
+    """
+
+    image_id: int | str
+    image: torch.Tensor
+    expressions: list[Expression]
+    targets: torch.Tensor | None = None
+    instance_masks: torch.Tensor | None = None
+    file_name: str = ""
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """`(H, W)` of the original image."""
+        return int(self.image.shape[-2]), int(self.image.shape[-1])
+
+
+@dataclass
+class Prediction:
+    """What `CoPatch.predict_step` returns for one expression.
+
+    Attributes:
+        expression_id: the dataset's id of the expression.
+        image_id: the dataset's id of the image.
+        text: the expression.
+        mask: `[H, W] bool` the chosen mask (all False when the image had no proposals).
+        chosen: index of the chosen proposal, or -1 when there were none.
+        candidates: proposal indices reranked by the final pick (`[g, b_1, b_2]` by default).
+        candidate_scores: the score of each candidate used by the final pick.
+        clusters: `[k, G, G] bool` the CoMap clusters on the patch grid (k <= top_k).
+        iou: IoU with the ground truth, or None when it is unknown.
+        oracle_iou: best IoU with the ground truth over `[g, b_1, ..., b_k]`, or None.
+        extras: anything a stage wants to expose (parse, thresholds), JSON-serialisable.
+    """
+
+    expression_id: int | str
+    image_id: int | str
+    text: str
+    mask: torch.Tensor
+    chosen: int
+    candidates: list[int]
+    candidate_scores: list[float]
+    clusters: torch.Tensor
+    iou: float | None = None
+    oracle_iou: float | None = None
+    extras: dict = field(default_factory=dict)
