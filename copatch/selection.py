@@ -1,0 +1,82 @@
+"""Candidate selection with CoMap (method-notes a.8, g.3).
+
+- g: the proposal with the best global-local score (first maximum).
+- b_j: the proposal with the highest IoU with CoMap cluster j (first maximum; a row of zeros gives
+  proposal 0, as the reference's argmax does). The soft upsampled cluster is binarised by `> 0`
+  (reference; dilates it by up to one patch cell) or `> 0.5` (`cluster_binarize="half"`).
+- candidates: `[g, b_1, ..., b_k]` cut to `min(k, N, len)` entries, so with k = 3 the reference keeps
+  `[g, b_1, b_2]` and drops b_3 (`keep_last_cluster=True` keeps it). Duplicates stay.
+- The top-k oracle is the best ground-truth IoU over `[g, b_1, ..., b_k]`, never cut.
+
+The final pick among the candidates is `pick_by_score` for now: the best candidate by global-local
+score. This is a temporary rule, documented as such, until the spatial guidance (relation score and
+spatial coherence) of the reference replaces it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from copatch.masks import pairwise_iou
+
+
+@dataclass
+class Selection:
+    """The candidates of one expression.
+
+    Attributes:
+        top1: g, index of the best proposal by global-local score.
+        cluster_best: `[b_1, ..., b_k]` best proposal per cluster.
+        candidates: the list the final pick reranks.
+    """
+
+    top1: int
+    cluster_best: list[int]
+    candidates: list[int]
+
+    @property
+    def oracle_pool(self) -> list[int]:
+        """`[g, b_1, ..., b_k]`: the proposals the top-k oracle chooses from."""
+        return [self.top1, *self.cluster_best]
+
+
+def binarize_clusters(soft: torch.Tensor, rule: str = "positive") -> torch.Tensor:
+    """`[k, H, W]` soft cluster maps -> bool: `> 0` ("positive", reference) or `> 0.5` ("half")."""
+    if rule == "positive":
+        return soft > 0
+    if rule == "half":
+        return soft > 0.5
+    raise ValueError(f"unknown cluster_binarize rule {rule!r}: use 'positive' or 'half'")
+
+
+def select_candidates(scores: torch.Tensor, soft_clusters: torch.Tensor, masks: torch.Tensor, *,
+                      top_k: int = 3, binarize: str = "positive", keep_last_cluster: bool = False) -> Selection:
+    """Candidates for one expression.
+
+    Args:
+        scores: `[N]` global-local scores of the proposals.
+        soft_clusters: `[k, H, W]` upsampled CoMap clusters (k may be 0).
+        masks: `[N, H, W] bool` proposals, N >= 1.
+        top_k: k, the number of clusters and the length of the candidate list.
+        binarize: how a soft cluster becomes a mask for the IoU.
+        keep_last_cluster: keep b_k instead of cutting the list at k entries.
+    """
+    if masks.shape[0] == 0:
+        raise ValueError("select_candidates needs at least one proposal")
+    top1 = int(torch.argmax(scores))
+    cluster_best: list[int] = []
+    if soft_clusters.shape[0]:
+        iou = pairwise_iou(binarize_clusters(soft_clusters, binarize), masks)  # [k, N]
+        cluster_best = torch.argmax(iou, dim=1).tolist()
+    pool = [top1, *cluster_best]
+    if keep_last_cluster:
+        return Selection(top1, cluster_best, pool)
+    return Selection(top1, cluster_best, pool[:min(top_k, masks.shape[0], len(pool))])
+
+
+def pick_by_score(selection: Selection, scores: torch.Tensor) -> tuple[int, list[float]]:
+    """Temporary final pick: the candidate with the best global-local score (first maximum)."""
+    cand_scores = scores[selection.candidates]
+    return selection.candidates[int(torch.argmax(cand_scores))], cand_scores.tolist()

