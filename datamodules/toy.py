@@ -178,7 +178,8 @@ def write_toy_refer(
 class ToyReferDataModule(ReferDataModule):
     """`ReferDataModule` over the toy dataset, written to `root` on first use.
 
-    An existing `<root>/refcoco/refs(unc).p` is reused as is (delete `root` to regenerate with
+    The dataset is named `toy` (`<root>/toy/refs(unc).p`), so the RefCOCO published-count check
+    does not apply to it. An existing dataset is reused as is (delete `root` to regenerate with
     another `num_images` or `seed`).
     """
 
@@ -193,12 +194,12 @@ class ToyReferDataModule(ReferDataModule):
         limit: int | None = None,
     ) -> None:
         super().__init__(
-            root=root, dataset="refcoco", split_by="unc", split=split, image_root=None,
+            root=root, dataset="toy", split_by="unc", split=split, image_root=None,
             batch_size=batch_size, num_workers=num_workers, gt_mask_rule="union", limit=limit,
         )
         self.num_images, self.seed = num_images, seed
 
     def prepare_data(self) -> None:
-        if not (Path(self.root) / "refcoco" / "refs(unc).p").is_file():
-            write_toy_refer(self.root, num_images=self.num_images, seed=self.seed)
+        if not (Path(self.root) / "toy" / "refs(unc).p").is_file():
+            write_toy_refer(self.root, num_images=self.num_images, seed=self.seed, dataset="toy")
         super().prepare_data()

@@ -121,11 +121,11 @@ def test_datamodule_writes_and_batches(tmp_path: Path) -> None:
     dm = ToyReferDataModule(root=str(root), num_images=8, batch_size=2)
     assert dm.hparams["num_images"] == 8 and dm.hparams["root"] == str(root)
     dm.prepare_data()
-    assert (root / "refcoco/refs(unc).p").is_file()
+    assert (root / "toy/refs(unc).p").is_file()
     dm.setup("predict")
     batches = list(dm.predict_dataloader())
     assert [len(b) for b in batches] == [2, 2, 1]  # 5 val images
     assert all(isinstance(s, ImageSample) for b in batches for s in b)
-    stamp = (root / "refcoco/refs(unc).p").stat().st_mtime_ns
+    stamp = (root / "toy/refs(unc).p").stat().st_mtime_ns
     ToyReferDataModule(root=str(root), num_images=3).prepare_data()  # existing data is reused
-    assert (root / "refcoco/refs(unc).p").stat().st_mtime_ns == stamp
+    assert (root / "toy/refs(unc).p").stat().st_mtime_ns == stamp
