@@ -149,6 +149,8 @@ class CoPatch(pl.LightningModule):
             preds = [self._predict_expression(sample, i, p, masks, mask_scores[:, i], patch_scores[i])
                      for i, p in enumerate(parsed)]
         self._update_metrics(sample, preds, masks)
+        for p in preds:  # returned and written predictions need not hold device memory
+            p.mask = p.mask.cpu()
         return preds
 
     def _predict_expression(self, sample: ImageSample, i: int, parsed: ParsedExpression, masks: torch.Tensor,
