@@ -28,10 +28,15 @@ class CoPatchCLI(LightningCLI):
         return {"predict": {"model", "dataloaders", "datamodule"}}
 
 
-def main(args: ArgsType = None) -> CoPatchCLI:
-    """Entry point of the `copatch` console script; `args` lets tests drive it without `sys.argv`."""
+def build_cli(args: ArgsType = None) -> CoPatchCLI:
+    """Parse `args` (default: `sys.argv`) and run the subcommand; returns the CLI for inspection."""
     return CoPatchCLI(CoPatch, LightningDataModule, subclass_mode_data=True, seed_everything_default=0,
                       save_config_kwargs={"overwrite": True}, args=args)
+
+
+def main() -> None:
+    """Entry point of the `copatch` console script (returns None so the exit status is 0)."""
+    build_cli()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from copatch.cli import main
+from copatch.cli import build_cli as main
 from copatch.clip_model import CheckpointError
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -48,3 +48,35 @@ def test_preset_files_set_exactly_the_switches_of_the_python_presets(preset):
 
     config = yaml.safe_load((CONFIGS / "presets" / f"{preset}.yaml").read_text())
     assert config["model"]["switches"] == Switches.preset(preset).__dict__
+
+
+def test_console_script_exits_0(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out, data = tmp_path / "run", tmp_path / "data"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", "from copatch.cli import main; main()", "predict", "--config",
+                           str(CONFIGS / "toy.yaml"), "--trainer.default_root_dir", str(out),
+                           "--data.init_args.root", str(data), "--trainer.callbacks", "[]"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mIoU" in proc.stdout + proc.stderr and (out / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("model", ["vitb32", "vitb16", "vith14"])
+@pytest.mark.parametrize("data", ["refcoco", "refcoco+", "refcocog"])
+def test_real_configs_compose(model, data, capsys):
+    import yaml
+
+    with pytest.raises(SystemExit) as done:
+        main(["predict", "--config", str(CONFIGS / "model" / f"{model}.yaml"), "--config",
+              str(CONFIGS / "data" / f"{data}.yaml"), "--config", str(CONFIGS / "trainer" / "ddp.yaml"),
+              "--config", str(CONFIGS / "presets" / "paper.yaml"), "--print_config"])
+    assert done.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["switches"]["clustering"] == "bfs"
+    assert config["data"]["init_args"]["dataset"] == data
+    assert config["model"]["visual_mix"] == (0.85 if data == "refcocog" else 0.95)
+    assert config["trainer"]["strategy"] == "ddp"
