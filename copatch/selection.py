@@ -8,9 +8,11 @@
   `[g, b_1, b_2]` and drops b_3 (`keep_last_cluster=True` keeps it). Duplicates stay.
 - The top-k oracle is the best ground-truth IoU over `[g, b_1, ..., b_k]`, never cut.
 
-The final pick among the candidates is `pick_by_score` for now: the best candidate by global-local
-score. This is a temporary rule, documented as such, until the spatial guidance (relation score and
-spatial coherence) of the reference replaces it.
+Without CoMap (`select_top_k`, the paper's baseline) the candidates are the k proposals with the
+best global-local scores, in descending order.
+
+The final pick is the spatial guidance (`copatch.spatial`); with it switched off, `pick_by_score`
+takes the candidate with the best global-local score.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ class Selection:
 
     @property
     def oracle_pool(self) -> list[int]:
-        """`[g, b_1, ..., b_k]`: the proposals the top-k oracle chooses from."""
-        return [self.top1, *self.cluster_best]
+        """The proposals the top-k oracle chooses from: `[g, b_1, ..., b_k]`, or the candidates
+        themselves when they do not come from CoMap."""
+        return [self.top1, *self.cluster_best] if self.cluster_best else list(self.candidates)
 
 
 def binarize_clusters(soft: torch.Tensor, rule: str = "positive") -> torch.Tensor:
@@ -76,7 +79,13 @@ def select_candidates(scores: torch.Tensor, soft_clusters: torch.Tensor, masks: 
     return Selection(top1, cluster_best, pool[:min(top_k, masks.shape[0], len(pool))])
 
 
+def select_top_k(scores: torch.Tensor, top_k: int = 3) -> Selection:
+    """Baseline candidates: the `min(k, N)` best proposals by global-local score, best first."""
+    best = torch.topk(scores, k=min(top_k, scores.shape[0])).indices.tolist()
+    return Selection(best[0], [], best)
+
+
 def pick_by_score(selection: Selection, scores: torch.Tensor) -> tuple[int, list[float]]:
-    """Temporary final pick: the candidate with the best global-local score (first maximum)."""
+    """Pick without spatial guidance: the candidate with the best global-local score (first maximum)."""
     cand_scores = scores[selection.candidates]
     return selection.candidates[int(torch.argmax(cand_scores))], cand_scores.tolist()

@@ -16,10 +16,15 @@ switches; each switch can still be set on its own (`configs/presets/*.yaml`, or 
 | `cluster_order` | `python_set` | `seed_score` | order of the clusters (Python set order of ids, or by best patch) |
 | `cluster_binarize` | `positive` | `half` | soft upsampled cluster `> 0` or `> 0.5` for the IoU with proposals |
 | `keep_last_cluster` | False | True | candidates `[g, b_1, b_2]` (b_3 dropped) or `[g, b_1, ..., b_k]` |
+| `box_format` | `xyxy_as_xywh` | `xywh` | boxes in the spatial-relation formulas: XYXY read as XYWH, or converted |
+| `nan_policy` | `wins` | `loses` | a NaN final score (empty or full candidate mask) wins the pick, as torch.argmax does, or loses |
 | `text_features` | `noun_phrase` | `context` | fuse E(s) with E(noun phrase) or with E(N_O + N_C) |
 | `parser` | `spacy` | `stanza` | which parser gives the noun phrase / context tokens |
 
-`negate_patches` is the paper's own ablation (negation on/off), True in both presets.
+Ablations of the paper's contributions, on in both presets: `negate_patches` (negate the exit-layer
+patch tokens), `use_comap` (candidates from CoMap; off gives the paper's baseline, the top-k proposals
+by global-local score) and `spatial_guidance` (the relation + coherence pick; off picks the candidate
+with the best global-local score). Context tokens on/off is `text_features`.
 """
 
 from __future__ import annotations
@@ -39,9 +44,13 @@ class Switches:
     cluster_order: Literal["python_set", "seed_score"] = "python_set"
     cluster_binarize: Literal["positive", "half"] = "positive"
     keep_last_cluster: bool = False
+    box_format: Literal["xyxy_as_xywh", "xywh"] = "xyxy_as_xywh"
+    nan_policy: Literal["wins", "loses"] = "wins"
     text_features: Literal["noun_phrase", "context"] = "noun_phrase"
     parser: Literal["spacy", "stanza"] = "spacy"
     negate_patches: bool = True
+    use_comap: bool = True
+    spatial_guidance: bool = True
 
     @classmethod
     def reference(cls) -> "Switches":
@@ -53,7 +62,8 @@ class Switches:
         """The method as the paper describes it."""
         return cls(input_norm="clip", crop_fill="mean_colour", mask_feature_mix="normalized",
                    similarity_norm="channels", clustering="bfs", first_threshold="delta", cluster_order="seed_score",
-                   cluster_binarize="half", keep_last_cluster=True, text_features="context", parser="stanza")
+                   cluster_binarize="half", keep_last_cluster=True, box_format="xywh", nan_policy="loses",
+                   text_features="context", parser="stanza")
 
     @classmethod
     def preset(cls, name: str) -> "Switches":

@@ -14,7 +14,7 @@ from copatch.text.parsing import ParserUnavailableError
 
 def _model(tiny_config, **kw):
     torch.manual_seed(0)
-    return CoPatch(clip_config=tiny_config, exit_layer=1, **kw)
+    return CoPatch(clip_config=tiny_config, exit_layer=1, gem_depth=3, gem_size=128, **kw)
 
 
 def _trainer(tmp_path):
@@ -84,14 +84,58 @@ def test_missing_stanza_resources_name_the_directory(tiny_config, toy_root, tmp_
         model.predict_step([sample])
 
 
-def test_paper_preset_runs_and_changes_the_path(tiny_config, toy_root):
+def test_paper_preset_runs(tiny_config, toy_root):
+    import dataclasses
+
     sample = ReferDataset(str(toy_root), split="val")[0]
-    ref = _model(tiny_config).predict_step([sample])
-    paper = _model(tiny_config, switches=Switches.paper().__class__(**{**Switches.paper().__dict__,
-                                                                        "parser": "spacy"}))
+    paper = _model(tiny_config, switches=dataclasses.replace(Switches.paper(), parser="spacy"))
     out = paper.predict_step([sample])
-    assert [p.expression_id for p in out] == [p.expression_id for p in ref]
-    assert all(len(p.candidates) == 1 + len(p.extras["oracle_pool"]) - 1 for p in out)
+    assert [p.expression_id for p in out] == [e.id for e in sample.expressions]
+    # keep_last_cluster: the candidates are the whole oracle pool [g, b_1, ..., b_k]
+    assert all(p.candidates == p.extras["oracle_pool"] for p in out)
+
+
+def test_spatial_guidance_pick_is_the_argmax_of_the_mixed_score(tiny_config, toy_root):
+    model = _model(tiny_config, alpha=0.7)
+    for sample in ReferDataset(str(toy_root), split="val"):
+        for p in model.predict_step([sample]):
+            sr, sc = torch.tensor(p.extras["sr"]), torch.tensor(p.extras["sc"])
+            final = 0.3 * sr + 0.7 * sc
+            torch.testing.assert_close(torch.tensor(p.candidate_scores), final)
+            assert p.chosen == p.candidates[int(torch.argmax(final))]
+            torch.testing.assert_close(sr.sum(), torch.tensor(1.0))  # SR is a softmax over the candidates
+
+
+def test_ablations(tiny_config, toy_root):
+    sample = ReferDataset(str(toy_root), split="val")[1]
+    base = _model(tiny_config, switches=Switches(use_comap=False, spatial_guidance=False))
+    for p in base.predict_step([sample]):
+        scores = torch.tensor(p.candidate_scores)
+        assert torch.all(scores[:-1] >= scores[1:])  # top-k by global-local score, best first
+        assert p.chosen == p.candidates[0] and "sr" not in p.extras
+    no_neg = _model(tiny_config, switches=Switches(negate_patches=False))
+    assert len(no_neg.predict_step([sample])) == len(sample.expressions)
+
+
+def test_image_work_and_text_encoding_happen_once_per_image(tiny_config, toy_root, monkeypatch):
+    import copatch.module as module
+
+    model = _model(tiny_config)
+    calls = {"gem": 0, "text": 0, "image": 0}
+    real_gem, real_image, real_text = module.gem_patch_features, module.image_features, model.backbone.encode_text
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(module, "gem_patch_features", count("gem", real_gem))
+    monkeypatch.setattr(module, "image_features", count("image", real_image))
+    monkeypatch.setattr(model.backbone, "encode_text", count("text", real_text))
+    sample = next(s for s in ReferDataset(str(toy_root), split="val") if len(s.expressions) > 2)
+    model.predict_step([sample])
+    assert calls == {"gem": 1, "text": 1, "image": 1}
 
 
 def test_the_model_is_frozen(tiny_config):

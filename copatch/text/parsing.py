@@ -23,13 +23,32 @@ Two backends:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
-# Spatial keywords of the reference's relation groups (left, right, up, down, big, small, within).
+# Chunk roots that are not "other nouns" (the reference's RELATION_WORDS, as it is: it has
+# "middle" and "who/what/which" but not "smallest" or "between", which the keyword groups have).
 RELATION_WORDS: frozenset[str] = frozenset(
     "left west right east above north top back behind below south under front bigger larger "
-    "closer smaller tinier further smallest inside within contained between".split()
+    "closer smaller tinier further inside within contained who what which middle".split()
+)
+# The spatial-relation keyword groups, in the reference's if/elif order.
+RELATION_GROUPS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("left", frozenset({"left", "west"})),
+    ("right", frozenset({"right", "east"})),
+    ("up", frozenset({"above", "north", "top", "back", "behind"})),
+    ("down", frozenset({"below", "south", "under", "front"})),
+    ("big", frozenset({"bigger", "larger", "closer"})),
+    ("small", frozenset({"smaller", "tinier", "further", "smallest"})),
+    ("within", frozenset({"inside", "within", "contained", "between"})),
+)
+# The direction words behind the spatial-coherence direction masks.
+DIRECTION_GROUPS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("left", frozenset({"left"})),
+    ("right", frozenset({"right"})),
+    ("middle", frozenset({"middle", "between"})),
+    ("up", frozenset({"up", "top", "above"})),
+    ("down", frozenset({"down", "under", "bottom", "low"})),
 )
 # Other-noun roots that make the reference drop the spatial relation ('none').
 NULL_KEYWORDS: frozenset[str] = frozenset(
@@ -53,6 +72,9 @@ class ParsedExpression:
     context: tuple[str, ...]  # N_C, in sentence order
     head_noun: str
     other_nouns: tuple[str, ...]  # noun phrases other than the NP, for the spatial-relation score
+    other_roots: tuple[str, ...] = ()  # the root word of each of `other_nouns`
+    relation: str = "none"  # spatial relation: none, left, right, up, down, big, small, within
+    direction: str = "none"  # direction word: none, left, right, middle, up, down
 
     @property
     def context_phrase(self) -> str:
@@ -93,10 +115,28 @@ def parse_spacy_doc(doc: Any) -> ParsedExpression:
         noun_phrase, head = chunk.text, chunk.root.text
         context = tuple(tok.text for tok in doc[chunk.end :] if tok.pos_ in CONTEXT_UPOS)
     # The reference compares chunk *text* with the NP text, so a repeated phrase is dropped too.
-    others = tuple(
-        c.text for c in chunks if c.text != noun_phrase and c.root.text not in RELATION_WORDS
-    )
-    return ParsedExpression(sentence, noun_phrase, noun_phrase, context, head, others)
+    others = [c for c in chunks if c.text != noun_phrase and c.root.text not in RELATION_WORDS]
+    roots = tuple(c.root.text for c in others)
+    # Another noun such as "side" or "picture" means the spatial word describes the image, not a
+    # relation between objects: the reference then drops the relation.
+    relation = "none" if set(roots) & NULL_KEYWORDS else keyword_by_head(doc, RELATION_GROUPS)
+    return ParsedExpression(sentence, noun_phrase, noun_phrase, context, head, tuple(c.text for c in others),
+                            roots, relation, keyword_by_head(doc, DIRECTION_GROUPS))
+
+
+def keyword_by_head(doc: Any, groups: tuple[tuple[str, frozenset[str]], ...]) -> str:
+    """The group of the keyword whose syntactic head comes first in the sentence ("none" if none).
+
+    The reference scans the tokens and takes a keyword only when its head index is strictly smaller
+    than the best so far, so on a tie the earlier keyword stays.
+    """
+    flag, best = "none", 999
+    for tok in doc:
+        for name, words in groups:
+            if tok.text in words and tok.head.i < best:
+                flag, best = name, tok.head.i
+                break
+    return flag
 
 
 class SpacyParser:
@@ -204,11 +244,15 @@ class StanzaParser:
     Documents, like ``stanza.Pipeline``'s bulk mode."""
 
     def __init__(
-        self, resources_dir: str | None = None, use_gpu: bool = False, pipeline: Any | None = None
+        self, resources_dir: str | None = None, use_gpu: bool = False, pipeline: Any | None = None,
+        spatial: "SpacyParser | None" = None,
     ) -> None:
         self.resources_dir = resources_dir
         self.use_gpu = use_gpu
         self._pipeline = pipeline
+        # The spatial guidance's cues (other nouns, relation and direction words) are spaCy rules in
+        # the reference; with `spatial` they come from spaCy, else from the constituency tree only.
+        self.spatial = spatial
 
     def _load(self) -> Any:
         if self._pipeline is None:
@@ -244,7 +288,11 @@ class StanzaParser:
 
         # Lowercased input, like the reference which lowercases before any parsing.
         docs = pipeline([Document([], text=t.lower()) for t in texts])
-        return [parse_stanza_document(doc) for doc in docs]
+        parsed = [parse_stanza_document(doc) for doc in docs]
+        if self.spatial is None:
+            return parsed
+        return [replace(p, other_nouns=sp.other_nouns, other_roots=sp.other_roots, relation=sp.relation,
+                        direction=sp.direction) for p, sp in zip(parsed, self.spatial.parse(texts))]
 
 
 def build_parser(name: Literal["spacy", "stanza"], **kwargs: Any) -> ExpressionParser:

@@ -15,7 +15,7 @@ from copatch.overlay import contour
 
 def test_writers_round_trip_masks_and_draw_overlays(tiny_config, toy_root, tmp_path):
     torch.manual_seed(0)
-    model = CoPatch(clip_config=tiny_config, exit_layer=1)
+    model = CoPatch(clip_config=tiny_config, exit_layer=1, gem_depth=3, gem_size=128)
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
                       callbacks=[PredictionWriter(), OverlayWriter(limit=3)])
     dm = ReferDataModule(str(toy_root), split="val", batch_size=2)

@@ -1,12 +1,16 @@
 import torch
 
-from copatch.text.features import TextFeatureCache, text_features
+from copatch.text.features import TextFeatureCache, encode_expressions
 from copatch.text.parsing import ParsedExpression
 
 
-def _parsed(sentence, np_, context=()):
+def _parsed(sentence, np_, context=(), others=()):
     return ParsedExpression(sentence=sentence, noun_phrase=np_, target=np_, context=tuple(context),
-                            head_noun=np_.split()[-1], other_nouns=())
+                            head_noun=np_.split()[-1], other_nouns=tuple(others))
+
+
+def text_features(backbone, parsed, mode="noun_phrase", gamma=0.5, cache=None):
+    return encode_expressions(backbone, parsed, mode, gamma, cache).fused
 
 
 class CountingBackbone:
@@ -45,3 +49,15 @@ def test_cache_is_bounded(tiny_backbone):
     cache = TextFeatureCache(max_size=2)
     cache.encode(tiny_backbone, ["a", "b", "c"])
     assert len(cache) == 2
+
+
+def test_negatives_and_gem_prompts_in_the_same_batched_call(tiny_backbone):
+    counting = CountingBackbone(tiny_backbone)
+    parsed = [_parsed("the cat left of the dog", "the cat", others=["the dog", "a hat"]), _parsed("a dog", "a dog")]
+    texts = encode_expressions(counting, parsed, gem_backbone=counting)
+    assert counting.calls == [["the cat left of the dog", "a dog", "the cat", "a photo of the dog",
+                               "a photo of a hat", "a photo of a the cat.", "a photo of a a dog."]]
+    emb = tiny_backbone.encode_text
+    torch.testing.assert_close(texts.negatives[0], emb(["a photo of the dog", "a photo of a hat"]).mean(0))
+    assert torch.equal(texts.negatives[1], torch.zeros(24))
+    torch.testing.assert_close(texts.gem, emb(["a photo of a the cat.", "a photo of a a dog."]))

@@ -79,6 +79,7 @@ def test_spacy_hand_checked(spacy_parser):
     assert man == ParsedExpression(
         sentence="the man in red behind the woman", noun_phrase="the man", target="the man",
         context=("red", "woman"), head_noun="man", other_nouns=("red", "the woman"),
+        other_roots=("red", "woman"), relation="up", direction="none",  # "behind" is an UP keyword
     )
     assert man.context_phrase == "the man red woman"
     assert hat.sentence == "man 's hat on the left"
@@ -242,3 +243,39 @@ def test_build_parser():
     assert isinstance(build_parser("stanza", use_gpu=False), StanzaParser)
     with pytest.raises(ValueError, match="Unknown parser"):
         build_parser("nltk")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "text, relation, direction",
+    [
+        ("the cat to the left of the dog", "left", "left"),
+        ("person in between", "within", "middle"),  # "between" is WITHIN and a middle direction word
+        ("the bigger of the two elephants", "big", "none"),
+        ("giraffe", "none", "none"),
+        # Another noun "side"/"picture" (NULL keywords): no relation, but the direction stays.
+        ("zebra on the right side of the picture", "none", "right"),
+    ],
+)
+def test_spacy_relation_and_direction_words(spacy_parser, text, relation, direction):
+    (p,) = spacy_parser.parse([text])
+    assert (p.relation, p.direction) == (relation, direction)
+
+
+def test_keyword_with_the_earliest_head_wins(spacy_parser):
+    from copatch.text.parsing import RELATION_GROUPS, keyword_by_head
+
+    doc = spacy_parser._load()("the man behind the car on the left")
+    heads = {t.text: t.head.i for t in doc if t.text in ("behind", "left")}
+    expected = "up" if heads["behind"] <= heads["left"] else "left"  # a tie keeps the earlier word
+    assert keyword_by_head(doc, RELATION_GROUPS) == expected
+
+
+def test_stanza_parser_takes_its_spatial_cues_from_spacy(spacy_parser):
+    man = make_doc(*MAN_IN_RED)
+    parser = StanzaParser(pipeline=FakePipeline({"the man in red behind the woman": man}), spatial=spacy_parser)
+    (p,) = parser.parse(["the man in red behind the woman"])
+    (sp,) = spacy_parser.parse(["the man in red behind the woman"])
+    assert (p.target, p.context) == ("the man", ("red", "woman"))  # N_O, N_C from the constituency rule
+    assert (p.relation, p.direction, p.other_nouns, p.other_roots) == \
+        (sp.relation, sp.direction, sp.other_nouns, sp.other_roots) == ("up", "none", ("red", "the woman"),
+                                                                        ("red", "woman"))

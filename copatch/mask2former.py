@@ -1,0 +1,475 @@
+"""Mask2Former candidate masks, reproducing the reference's detectron2 pipeline (method-notes a.2).
+
+The reference (IteRPrimE's patched detectron2 Mask2Former, Swin-L IN21k-384, COCO panoptic, 200
+queries) turns every image into *all* of its query masks. This module does the same with the
+Hugging Face port of that checkpoint (`transformers.Mask2FormerForUniversalSegmentation`),
+loaded from a local folder; nothing is downloaded.
+
+Pipeline for an image `[3, H, W] uint8` RGB (one `Proposals` per image):
+
+1. Resize so the short side is 800 and the long side at most 1333 (detectron2's
+   `ResizeShortestEdge(800, 1333)` of `DefaultPredictor`), bilinear with PIL on the uint8 image,
+   exactly as detectron2's `ResizeTransform` does -> `[3, h, w]`.
+2. `(x - mean) / std` with ImageNet mean/std in 0..255 units, then zero-pad to a common
+   `[3, Hp, Wp]`, `Hp, Wp` multiples of 32 (detectron2's `ImageList.from_tensors`).
+3. Model -> `masks_queries_logits` `[B, Q, Hp/4, Wp/4]` (and `class_queries_logits`
+   `[B, Q, C+1]`).
+4. Per image, in float32: bilinear upsample to `[Q, Hp, Wp]`, crop to `[Q, h, w]`, bilinear
+   resize to `[Q, H, W]` (detectron2's `sem_seg_postprocess`), then `sigmoid > 0.35`.
+
+Result: `Proposals(masks=[Q, H, W] bool, scores=[Q] float32 or None)`, all `Q` queries in query
+order. There is no class/score filtering and no NMS; empty masks and near-duplicates are kept,
+because the selection stage indexes into this list, as the reference's does.
+
+`transformers` is an optional dependency (`pip install "copatch[mask2former]"`); importing this
+module does not need it, building a proposer does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from copatch.proposals import Proposals, StoredProposals
+from copatch.types import ImageSample
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import Mask2FormerConfig
+
+REFERENCE_CHECKPOINT = "facebook/mask2former-swin-large-coco-panoptic"
+# The reference model has 200 object queries; the selection indexes into the 200 masks.
+REFERENCE_NUM_QUERIES = 200
+# detectron2's default test-time resize (the reference config does not override it).
+MIN_SIZE_TEST = 800
+MAX_SIZE_TEST = 1333
+# detectron2 / Mask2Former normalisation: ImageNet statistics in 0..255 units, RGB order.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+# Swin's total stride: Mask2Former pads the batch to a multiple of this.
+SIZE_DIVISIBILITY = 32
+# IteRPrimE binarises `sigmoid(logits) > 0.35` (not the usual 0.5): larger, more inclusive masks.
+MASK_THRESHOLD = 0.35
+
+# Files that make a usable model folder (what `save_pretrained` / the hub repo hold).
+_CONFIG_FILE = "config.json"
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# Written into `cache_dir` so masks made with other settings are never silently reused.
+SETTINGS_FILE = "_mask2former_settings.json"
+# Float32 elements of one upsampled logit chunk (~256 MiB): bounds post-processing memory.
+_UPSAMPLE_BUDGET = 2**26
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def _import_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError(
+            "Mask2FormerProposer needs the Hugging Face `transformers` package, which is not "
+            f"installed ({err}). Install it with: pip install \"copatch[mask2former]\""
+        ) from err
+    return transformers
+
+
+def _missing_model_message(path: Path, problem: str) -> str:
+    return (
+        f"Mask2Former model folder {path}: {problem}. Put the files of the Hugging Face repo "
+        f"{REFERENCE_CHECKPOINT} there ({_CONFIG_FILE} and model.safetensors, or pytorch_model.bin)"
+        ", e.g. on a machine with internet access run "
+        f"`hf download {REFERENCE_CHECKPOINT} --local-dir {path}` "
+        f"(older huggingface_hub: `huggingface-cli download {REFERENCE_CHECKPOINT} --local-dir "
+        f"{path}`) and copy the folder here. Nothing is downloaded at run time."
+    )
+
+
+def check_model_dir(model_dir: str | os.PathLike) -> Path:
+    """The folder as a `Path` if it holds `config.json` and weights, else FileNotFoundError."""
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        problem = "is not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(_missing_model_message(path, problem))
+    if not (path / _CONFIG_FILE).is_file():
+        raise FileNotFoundError(_missing_model_message(path, f"has no {_CONFIG_FILE}"))
+    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+        raise FileNotFoundError(
+            _missing_model_message(path, f"has no weights (none of {', '.join(_WEIGHT_FILES)})")
+        )
+    return path
+
+
+def resize_shortest_edge_size(
+    height: int, width: int, short_edge: int = MIN_SIZE_TEST, max_size: int = MAX_SIZE_TEST
+) -> tuple[int, int]:
+    """detectron2's `ResizeShortestEdge` output size `(new_h, new_w)` for an `(H, W)` image.
+
+    The short side goes to `short_edge`; if the long side would then exceed `max_size`, both are
+    scaled down so that it equals `max_size`; each side is rounded half up. Same float operations
+    in the same order as detectron2, so the sizes (and the masks) agree to the pixel.
+    """
+    scale = short_edge * 1.0 / min(height, width)
+    if height < width:
+        new_h, new_w = float(short_edge), scale * width
+    else:
+        new_h, new_w = scale * height, float(short_edge)
+    if max(new_h, new_w) > max_size:
+        scale = max_size * 1.0 / max(new_h, new_w)
+        new_h, new_w = new_h * scale, new_w * scale
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
+def resize_uint8(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of a `[3, H, W] uint8` image to `[3, h, w] uint8` (CPU), as detectron2.
+
+    detectron2's `ResizeTransform` resizes uint8 images with PIL `BILINEAR`, which antialiases when
+    shrinking and rounds back to uint8; going through PIL here gives the same pixels, whereas
+    `torch` bilinear (even with `antialias=True`) differs by a grey level here and there.
+    """
+    h, w = size
+    if (h, w) == tuple(image.shape[-2:]):
+        return image.cpu()  # PIL returns an identical copy for a same-size resize
+    array = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
+    resized = Image.fromarray(array).resize((w, h), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous()
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(set(_DTYPES))} (or None)")
+    return _DTYPES[key]
+
+
+class Mask2FormerProposer(nn.Module):
+    """All query masks of a Mask2Former as proposals, as the reference makes them.
+
+    Args:
+        model_dir: local folder with the Hugging Face checkpoint (`config.json` + weights), the
+            reference being `facebook/mask2former-swin-large-coco-panoptic` (200 queries). Loaded
+            with `local_files_only=True`.
+        cache_dir: if given, proposals are stored there per image (`StoredProposals` format) and a
+            later call for an image id found there loads them instead of running the model.
+        threshold: a pixel is in a mask when `sigmoid(logit) > threshold` (reference: 0.35).
+        config: a `transformers.Mask2FormerConfig` to build a randomly initialised model instead
+            of loading `model_dir` (tests); exactly one of `model_dir` / `config`.
+        dtype: autocast dtype of the model forward ("bfloat16" is a good choice on GPU); None runs
+            it in the model's own dtype (float32: the reference) with any outer autocast disabled.
+            Mask post-processing is always float32. A `torch.dtype` is accepted too.
+        scores: also return per-query scores (max softmax class probability, no-object excluded).
+            They are informational only; nothing is filtered by them.
+        min_size, max_size: test-time resize (detectron2 `ResizeShortestEdge`, 800 / 1333).
+        size_divisibility: pad the batch to a multiple of this (32).
+
+    Calling it on an `ImageSample` returns `Proposals(masks=[Q, H, W] bool, scores=[Q] | None)`
+    at the image's original `(H, W)`, on the image's device; `propose_batch` does several images
+    in one forward. The module stays in eval mode with gradients off; as a submodule of the
+    `CoPatch` LightningModule it moves with it (`.to(device)`).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        threshold: float = MASK_THRESHOLD,
+        *,
+        config: Mask2FormerConfig | None = None,
+        dtype: str | None = None,
+        scores: bool = True,
+        min_size: int = MIN_SIZE_TEST,
+        max_size: int = MAX_SIZE_TEST,
+        size_divisibility: int = SIZE_DIVISIBILITY,
+    ) -> None:
+        super().__init__()
+        if (model_dir is None) == (config is None):
+            raise ValueError(
+                "give exactly one of `model_dir` (a local Hugging Face Mask2Former folder) and "
+                "`config` (a transformers.Mask2FormerConfig for a random-weight model)"
+            )
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"threshold={threshold} must be in [0, 1): it is a sigmoid probability")
+        if min_size <= 0 or max_size < min_size or size_divisibility < 1:
+            raise ValueError(
+                f"need 0 < min_size <= max_size and size_divisibility >= 1, got min_size={min_size}"
+                f", max_size={max_size}, size_divisibility={size_divisibility}"
+            )
+        self.model_dir = None if model_dir is None else check_model_dir(model_dir)
+        transformers = _import_transformers()
+        if self.model_dir is not None:
+            self.model = self._load(transformers, self.model_dir)
+        else:
+            self.model = transformers.Mask2FormerForUniversalSegmentation(config)
+        self.model.float()  # loads may keep a checkpoint's storage dtype; the reference is fp32
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+        self.cache_dir = None if cache_dir is None else Path(cache_dir).expanduser()
+        self.store = None if self.cache_dir is None else StoredProposals(self.cache_dir)
+        self._settings_checked = False
+        self.threshold = float(threshold)
+        self.forward_dtype = _parse_dtype(dtype)
+        self.return_scores = bool(scores)
+        self.min_size = int(min_size)
+        self.max_size = int(max_size)
+        self.size_divisibility = int(size_divisibility)
+        # Non-persistent buffers: they follow `.to(device)` but stay out of checkpoints.
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(3, 1, 1), persistent=False)
+        self.train(False)
+
+    @classmethod
+    def from_config(cls, config: Mask2FormerConfig, **kwargs: Any) -> Mask2FormerProposer:
+        """A proposer around a randomly initialised model of `config` (no files read)."""
+        return cls(config=config, **kwargs)
+
+    @staticmethod
+    def _load(transformers: Any, path: Path) -> nn.Module:
+        try:
+            model_type = json.loads((path / _CONFIG_FILE).read_text(encoding="utf-8")).get(
+                "model_type"
+            )
+        except (OSError, ValueError, AttributeError) as err:
+            raise ValueError(f"cannot read {path / _CONFIG_FILE}: {err}") from err
+        if model_type != "mask2former":
+            raise ValueError(
+                f"{path / _CONFIG_FILE} describes a {model_type!r} model, not 'mask2former': "
+                + _missing_model_message(path, "holds another model")
+            )
+        model = transformers.Mask2FormerForUniversalSegmentation.from_pretrained(
+            str(path), local_files_only=True
+        )
+        if model.config.num_queries != REFERENCE_NUM_QUERIES:
+            warnings.warn(
+                f"the Mask2Former in {path} has {model.config.num_queries} queries; the reference "
+                f"({REFERENCE_CHECKPOINT}) has {REFERENCE_NUM_QUERIES}, so the proposals (and the "
+                "results) will differ from the paper's",
+                stacklevel=3,
+            )
+        return model
+
+    # ------------------------------------------------------------------------------ properties
+    @property
+    def num_queries(self) -> int:
+        """`Q`: the number of masks per image."""
+        return int(self.model.config.num_queries)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def train(self, mode: bool = True) -> Mask2FormerProposer:
+        # Always eval: the Swin backbone has drop-path (0.3 in the reference config), which would
+        # make the masks random in train mode. Lightning calls `.train()` on the whole module.
+        return super().train(False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"model_dir={str(self.model_dir) if self.model_dir else None!r}, "
+            f"num_queries={self.num_queries}, threshold={self.threshold}, "
+            f"cache_dir={str(self.cache_dir) if self.cache_dir else None!r}, dtype={self.forward_dtype}"
+        )
+
+    # ---------------------------------------------------------------------------------- public
+    def __call__(self, sample: ImageSample) -> Proposals:
+        # Spelled out (nn.Module's is `*args, **kwargs`) so that jsonargparse sees that this class
+        # implements the `MaskProposer` protocol when a config names it as `proposer`.
+        return super().__call__(sample)
+
+    def forward(self, sample: ImageSample) -> Proposals:
+        """Proposals of one image: `masks [Q, H, W] bool` at the original size, `scores [Q]`."""
+        return self.propose_batch([sample.image], [sample.image_id])[0]
+
+    def propose_batch(
+        self, images: Sequence[Tensor], image_ids: Sequence[int | str] | None = None
+    ) -> list[Proposals]:
+        """Proposals of several images, run through the model as one padded batch.
+
+        Args:
+            images: `B` tensors `[3, H_b, W_b] uint8` RGB, sizes may differ.
+            image_ids: the images' dataset ids; needed for the cache (ignored without one).
+
+        Returns:
+            `B` `Proposals`, each `[Q, H_b, W_b]` bool (+ `[Q]` scores) on its image's device.
+
+        Note: the batch is padded to its largest image, as detectron2 batches. The backbone sees
+        that padding, so masks of an image in a batch can differ slightly from the same image alone
+        (the reference, `DefaultPredictor`, runs one image at a time).
+        """
+        images = list(images)
+        for i, image in enumerate(images):
+            name = f"image {image_ids[i]!r}" if image_ids is not None else f"image {i}"
+            if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+                raise ValueError(
+                    f"{name} must be a [3, H, W] uint8 RGB tensor, got "
+                    f"{tuple(image.shape)} {image.dtype}"
+                )
+            if image.shape[1] == 0 or image.shape[2] == 0:
+                raise ValueError(f"{name} is empty: {tuple(image.shape)}")
+        if image_ids is not None and len(image_ids) != len(images):
+            raise ValueError(f"{len(images)} images but {len(image_ids)} image ids")
+
+        results: list[Proposals | None] = [None] * len(images)
+        todo = list(range(len(images)))
+        if self.store is not None and image_ids is not None:
+            self._check_cache_settings()
+            todo = []
+            for i, (image, image_id) in enumerate(zip(images, image_ids)):
+                if self.store.exists(image_id):
+                    loaded = self.store.load(image_id, size=tuple(image.shape[-2:]))
+                    results[i] = self._to(loaded, image.device)
+                else:
+                    todo.append(i)
+        if todo:
+            computed = self._run([images[i] for i in todo])
+            for i, proposals in zip(todo, computed):
+                if self.store is not None and image_ids is not None:
+                    self.store.write(image_ids[i], proposals)
+                results[i] = self._to(proposals, images[i].device)
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------------- internals
+    def preprocess(self, images: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """Resized, normalised, zero-padded batch on the module's device.
+
+        Returns:
+            `pixel_values [B, 3, Hp, Wp]` float32 (`Hp, Wp` multiples of `size_divisibility`)
+            and the resized `(h, w)` of each image (its valid top-left region).
+        """
+        normed, sizes = [], []
+        for image in images:
+            size = resize_shortest_edge_size(*image.shape[-2:], self.min_size, self.max_size)
+            resized = resize_uint8(image, size).to(self.device, torch.float32)
+            normed.append((resized - self.pixel_mean) / self.pixel_std)
+            sizes.append(size)
+        d = self.size_divisibility
+        hp = -(-max(h for h, _ in sizes) // d) * d
+        wp = -(-max(w for _, w in sizes) // d) * d
+        # Padding is 0 *after* normalisation (the mean colour), as ImageList.from_tensors does.
+        batch = normed[0].new_zeros(len(normed), 3, hp, wp)
+        for b, (x, (h, w)) in enumerate(zip(normed, sizes)):
+            batch[b, :, :h, :w] = x
+        return batch, sizes
+
+    def postprocess(
+        self, mask_logits: Tensor, padded_size: tuple[int, int], resized_size: tuple[int, int],
+        original_size: tuple[int, int],
+    ) -> Tensor:
+        """One image's `[Q, Hp/4, Wp/4]` mask logits -> `[Q, H, W]` bool, in float32.
+
+        Upsample to the padded input, crop the image's valid region, resize to the original size,
+        then threshold the sigmoid. Queries are processed in chunks to bound memory; bilinear
+        interpolation treats channels independently, so chunking does not change any value.
+        """
+        logits = mask_logits.float()
+        hp, wp = padded_size
+        h, w = resized_size
+        per_query = hp * wp + h * w + original_size[0] * original_size[1]
+        chunk = max(1, _UPSAMPLE_BUDGET // per_query)
+        out = []
+        for part in logits.split(chunk, dim=0):
+            up = F.interpolate(part[None], size=(hp, wp), mode="bilinear", align_corners=False)
+            up = up[:, :, :h, :w]
+            up = F.interpolate(up, size=original_size, mode="bilinear", align_corners=False)[0]
+            out.append(up.sigmoid() > self.threshold)
+        return torch.cat(out, dim=0)
+
+    def _autocast(self) -> Any:
+        device_type = self.device.type
+        if self.forward_dtype is None or self.forward_dtype == torch.float32:
+            # The reference runs in fp32: shut off an outer autocast (e.g. Lightning "16-mixed").
+            return torch.autocast(device_type, enabled=False) if device_type in ("cuda", "cpu") \
+                else nullcontext()
+        return torch.autocast(device_type, dtype=self.forward_dtype)
+
+    def _run(self, images: list[Tensor]) -> list[Proposals]:
+        with torch.inference_mode():
+            pixel_values, sizes = self.preprocess(images)
+            param_dtype = next(self.model.parameters()).dtype
+            with self._autocast():
+                outputs = self.model(pixel_values=pixel_values.to(param_dtype))
+            mask_logits = outputs.masks_queries_logits  # [B, Q, Hp/4, Wp/4]
+            class_logits = outputs.class_queries_logits  # [B, Q, C + 1], last = no object
+            padded = tuple(pixel_values.shape[-2:])
+            masks, scores = [], []
+            for b, image in enumerate(images):
+                masks.append(self.postprocess(mask_logits[b], padded, sizes[b],
+                                              tuple(image.shape[-2:])))
+                if self.return_scores:
+                    probs = class_logits[b].float().softmax(dim=-1)[:, :-1]
+                    scores.append(probs.max(dim=-1).values)
+        # Clone outside inference mode: inference tensors cannot be modified in place or saved
+        # for autograd later, which would surprise callers; cached loads are normal tensors too.
+        return [
+            Proposals(masks=m.clone(), scores=s.clone() if self.return_scores else None)
+            for m, s in zip(masks, scores if self.return_scores else [None] * len(masks))
+        ]
+
+    @staticmethod
+    def _to(proposals: Proposals, device: torch.device) -> Proposals:
+        scores = None if proposals.scores is None else proposals.scores.to(device)
+        return Proposals(masks=proposals.masks.to(device), scores=scores)
+
+    def settings(self) -> dict[str, Any]:
+        """What determines the masks, recorded in `cache_dir` next to the stored proposals."""
+        return {
+            "generator": "mask2former",
+            "num_queries": self.num_queries,
+            "threshold": self.threshold,
+            "min_size": self.min_size,
+            "max_size": self.max_size,
+            "size_divisibility": self.size_divisibility,
+            "dtype": str(self.forward_dtype or torch.float32).removeprefix("torch."),
+        }
+
+    def _check_cache_settings(self) -> None:
+        """Refuse a cache written with other settings; record ours in a fresh one."""
+        if self._settings_checked or self.cache_dir is None:
+            return
+        path = self.cache_dir / SETTINGS_FILE
+        ours = self.settings()
+        if path.is_file():
+            try:
+                theirs = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise ValueError(f"cannot read the proposal cache settings {path}: {err}") from err
+            if theirs != ours:
+                diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
+                raise ValueError(
+                    f"the proposal cache {self.cache_dir} was made with other settings "
+                    f"(cached vs now: {diff}); its masks would not match. Use another cache_dir, "
+                    f"or delete {self.cache_dir} to recompute."
+                )
+        else:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{SETTINGS_FILE}.")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(ours, f, indent=1)
+                os.replace(tmp, path)  # atomic: concurrent ranks write the same content
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+        self._settings_checked = True

@@ -1,0 +1,362 @@
+"""Tests of `copatch.mask2former` on a tiny random-weight Mask2Former (no files, no downloads)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.nn import functional as F
+
+pytest.importorskip("transformers")
+
+from transformers import Mask2FormerConfig, SwinConfig  # noqa: E402
+
+from copatch.mask2former import (  # noqa: E402
+    SETTINGS_FILE,
+    Mask2FormerProposer,
+    resize_shortest_edge_size,
+)
+from copatch.proposals import MaskProposer, StoredProposals  # noqa: E402
+from copatch.types import Expression, ImageSample  # noqa: E402
+
+NUM_QUERIES = 7
+# Two images of different sizes and aspect ratios (one landscape, one portrait).
+SIZES = [(48, 64), (70, 40)]
+
+
+def tiny_config() -> Mask2FormerConfig:
+    """A 4-stage Swin with 1 block per stage, 1 pixel-decoder layer, 2 decoder layers, 7 queries.
+
+    Built from a config object only: no backbone checkpoint is fetched. GroupNorm(32, .) in the
+    pixel decoder needs the feature sizes to be multiples of 32.
+    """
+    swin = SwinConfig(
+        embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2,
+        out_features=["stage1", "stage2", "stage3", "stage4"], drop_path_rate=0.0,
+    )
+    return Mask2FormerConfig(
+        backbone_config=swin, num_queries=NUM_QUERIES, hidden_dim=32, feature_size=32,
+        mask_feature_size=32, encoder_feedforward_dim=16, dim_feedforward=16, encoder_layers=1,
+        decoder_layers=2, num_attention_heads=2, num_labels=5,
+    )
+
+
+def _spread_logits(proposer: Mask2FormerProposer, target_std: float = 2.0) -> None:
+    """Random init gives mask logits of a tiny spread (~±0.2 or far less, depending on the
+    transformers version), i.e. all pixels above the 0.35 threshold. Scaling the mask-embedding
+    head (the logits are linear in it) spreads them so that masks are partly on, partly off."""
+    head = dict(proposer.model.named_modules())[
+        "model.transformer_module.decoder.mask_predictor.mask_embedder"
+    ]
+    last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    pixels, _ = proposer.preprocess(_images())
+    with torch.no_grad():
+        std = proposer.model(pixel_values=pixels).masks_queries_logits.std().item()
+        last.weight.mul_(target_std / std)
+        last.bias.mul_(target_std / std)
+
+
+# Most tests resize to a short side of 64 (long side <= 100) instead of 800/1333: the same code
+# path, 100x faster on CPU. The reference sizes are tested on their own below.
+SMALL = {"min_size": 64, "max_size": 100}
+
+
+def _make(seed: int = 0, **kwargs) -> Mask2FormerProposer:
+    torch.manual_seed(seed)
+    proposer = Mask2FormerProposer.from_config(tiny_config(), **{**SMALL, **kwargs})
+    _spread_logits(proposer)
+    return proposer
+
+
+def _images() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    images = []
+    for h, w in SIZES:
+        # A smooth gradient plus noise: resizing it exercises real interpolation.
+        base = torch.linspace(0, 255, w).expand(h, w)[None].repeat(3, 1, 1)
+        noise = torch.randint(-40, 40, (3, h, w), generator=gen)
+        images.append((base + noise).clamp(0, 255).to(torch.uint8))
+    return images
+
+
+def _sample(image: torch.Tensor, image_id: int | str) -> ImageSample:
+    return ImageSample(image_id=image_id, image=image, expressions=[Expression(id=1, text="a dog")])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny model's ops are too small to gain from threads; on a busy machine intra-op
+    threads spin and wait for cores, which made this file 5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def proposer(_one_thread) -> Mask2FormerProposer:
+    return _make(0)
+
+
+# ------------------------------------------------------------------------------------ resize rule
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        # short side 480 -> 800, scale 5/3: 640 * 5/3 = 1066.67 -> 1067 (1067 <= 1333)
+        ((480, 640), (800, 1067)),
+        ((640, 480), (1067, 800)),
+        # 427 -> 800: 640 * 800/427 = 1199.06 -> 1199
+        ((427, 640), (800, 1199)),
+        # 300 -> 800 makes 2000 -> 5333.3 > 1333, so long side -> 1333, short: 800*1333/5333.3
+        # = 199.95 -> 200
+        ((300, 2000), (200, 1333)),
+        ((2000, 300), (1333, 200)),
+        # 40 -> 800 makes 70 -> 1400 > 1333: long 1333, short 800*1333/1400 = 761.71 -> 762
+        ((70, 40), (1333, 762)),
+        # 48 -> 800 makes 64 -> 1066.67 -> 1067
+        ((48, 64), (800, 1067)),
+        # square: both to 800 (also when shrinking)
+        ((100, 100), (800, 800)),
+        ((1600, 1600), (800, 800)),
+        # already at size: unchanged
+        ((800, 1200), (800, 1200)),
+    ],
+)
+def test_resize_rule_by_hand(size: tuple[int, int], expected: tuple[int, int]) -> None:
+    assert resize_shortest_edge_size(*size) == expected
+    assert resize_shortest_edge_size(*size, 800, 1333) == expected
+
+
+# ------------------------------------------------------------------------------------ preprocess
+def test_preprocess_resizes_normalises_and_pads() -> None:
+    proposer = _make(0, min_size=800, max_size=1333)  # the reference sizes
+    images = _images()
+    pixels, sizes = proposer.preprocess(images)
+    assert sizes == [(800, 1067), (1333, 762)]
+    # Padded to the largest resized size, rounded up to a multiple of 32: 1333 -> 1344, 1067 -> 1088.
+    assert pixels.shape == (2, 3, 1344, 1088) and pixels.dtype == torch.float32
+    mean = np.array([123.675, 116.28, 103.53], dtype=np.float32)[:, None, None]
+    std = np.array([58.395, 57.12, 57.375], dtype=np.float32)[:, None, None]
+    for b, (image, (h, w)) in enumerate(zip(images, sizes)):
+        # Independent: PIL bilinear on the uint8 HWC image (what detectron2's ResizeTransform does).
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((w, h), Image.BILINEAR)
+        arr = np.asarray(pil).astype(np.float32).transpose(2, 0, 1)
+        expected = torch.from_numpy((arr - mean) / std)
+        torch.testing.assert_close(pixels[b, :, :h, :w], expected, rtol=0, atol=1e-6)
+        # Zero padding after normalisation (ImageList.from_tensors pads with 0).
+        assert not pixels[b, :, h:, :].any() and not pixels[b, :, :, w:].any()
+
+
+# ----------------------------------------------------------------------------- outputs and shapes
+@pytest.mark.parametrize("reference_size", [False, True])
+def test_batch_of_two_sizes_gives_all_queries_at_original_size(
+    proposer: Mask2FormerProposer, reference_size: bool
+) -> None:
+    if reference_size:  # 800 / 1333 as the reference (input 1344 x 1088 padded: ~3 s on CPU)
+        proposer = _make(0, min_size=800, max_size=1333)
+        assert (proposer.min_size, proposer.max_size) == (800, 1333)
+    images = _images()
+    out = proposer.propose_batch(images)
+    assert len(out) == 2
+    assert proposer.num_queries == NUM_QUERIES
+    for props, (h, w) in zip(out, SIZES):
+        assert props.masks.shape == (NUM_QUERIES, h, w)
+        assert props.masks.dtype == torch.bool
+        assert props.scores is not None and props.scores.shape == (NUM_QUERIES,)
+        assert props.scores.dtype == torch.float32
+        assert ((props.scores > 0) & (props.scores < 1)).all()
+        # Outputs are ordinary tensors (not inference tensors): callers may edit them.
+        assert not props.masks.is_inference()
+        props.masks[0] = False
+    coverage = torch.cat([p.masks.flatten(1).float().mean(1) for p in proposer.propose_batch(images)])
+    # The test model really produces partial masks, so the comparisons below are meaningful.
+    assert ((coverage > 0) & (coverage < 1)).any()
+
+
+def test_masks_equal_independent_postprocessing(proposer: Mask2FormerProposer) -> None:
+    images = _images()
+    out = proposer.propose_batch(images)
+    pixels, sizes = proposer.preprocess(images)
+    with torch.no_grad():
+        raw = proposer.model(pixel_values=pixels)
+    logits = raw.masks_queries_logits  # [B, Q, Hp/4, Wp/4]
+    # Resized by the rule: 48x64 -> 64x85 (64/48 = 4/3, 64*4/3 = 85.3 -> 85); 70x40 -> 112x64,
+    # 112 > 100 so *100/112 -> 100x57.1 -> 100x57. Padded: 100 -> 128, 85 -> 96.
+    assert sizes == [(64, 85), (100, 57)]
+    assert pixels.shape[-2:] == (128, 96)
+    assert logits.shape == (2, NUM_QUERIES, 128 // 4, 96 // 4)
+    # Upsample the whole batch to the padded input (as the reference's MaskFormer.forward), then
+    # per image crop the valid region and resize to the original size (sem_seg_postprocess).
+    up = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+    for b, ((h, w), (oh, ow)) in enumerate(zip(sizes, SIZES)):
+        crop = up[b : b + 1, :, :h, :w]
+        full = F.interpolate(crop, size=(oh, ow), mode="bilinear", align_corners=False)[0]
+        expected = full.sigmoid() > 0.35
+        assert torch.equal(out[b].masks, expected)
+        scores = raw.class_queries_logits[b].softmax(-1)[:, :-1].max(-1).values
+        torch.testing.assert_close(out[b].scores, scores)
+
+
+def test_single_call_is_a_batch_of_one(proposer: Mask2FormerProposer) -> None:
+    image = _images()[1]
+    single = proposer(_sample(image, 5))
+    batch = proposer.propose_batch([image])[0]
+    assert isinstance(proposer, MaskProposer)
+    assert torch.equal(single.masks, batch.masks) and torch.equal(single.scores, batch.scores)
+
+
+def test_threshold_and_scores_options() -> None:
+    image = _images()[0]
+    low = _make(0, threshold=0.1, scores=False).propose_batch([image])[0]
+    high = _make(0, threshold=0.9).propose_batch([image])[0]
+    assert low.scores is None and high.scores is not None
+    assert (low.masks | ~high.masks).all()  # a higher threshold only removes pixels
+    assert low.masks.sum() > high.masks.sum()
+
+
+def test_outer_autocast_is_ignored_without_dtype(proposer: Mask2FormerProposer) -> None:
+    images = _images()
+    plain = proposer.propose_batch(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = proposer.propose_batch(images)
+    for a, b in zip(plain, under):
+        assert torch.equal(a.masks, b.masks)
+
+
+def test_bf16_forward_runs_and_keeps_float32_outputs() -> None:
+    proposer = _make(0, dtype="bfloat16")
+    assert proposer.forward_dtype == torch.bfloat16
+    out = proposer.propose_batch(_images())
+    for props, (h, w) in zip(out, SIZES):
+        assert props.masks.shape == (NUM_QUERIES, h, w) and props.masks.dtype == torch.bool
+        assert props.scores.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        _make(0, dtype="int8")
+
+
+def test_is_a_frozen_eval_submodule(proposer: Mask2FormerProposer) -> None:
+    parent = nn.Module()
+    parent.proposer = proposer
+    parent.train()  # Lightning does this; the proposer must stay in eval (Swin drop-path)
+    assert not proposer.training and not proposer.model.training
+    assert not any(p.requires_grad for p in proposer.parameters())
+    assert any(m is proposer.model for m in parent.modules())
+    assert "proposer.pixel_mean" not in parent.state_dict()  # buffers are not persistent
+    parent.to("cpu")
+    assert proposer.device == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_follows_the_module_device() -> None:
+    proposer = _make(0)
+    images = _images()
+    cpu = proposer.propose_batch(images)
+    proposer.to("cuda")
+    assert proposer.device.type == "cuda" and next(proposer.model.parameters()).is_cuda
+    gpu = proposer.propose_batch([im.cuda() for im in images])
+    for a, b in zip(cpu, gpu):
+        assert b.masks.is_cuda
+        assert (a.masks != b.masks.cpu()).float().mean() < 0.01  # kernels differ slightly
+    bf16 = Mask2FormerProposer.from_config(tiny_config(), dtype="bfloat16").to("cuda")
+    assert bf16.propose_batch([images[0]])[0].masks.shape == (NUM_QUERIES, *SIZES[0])
+
+
+def test_rejects_bad_images(proposer: Mask2FormerProposer) -> None:
+    with pytest.raises(ValueError, match=r"\[3, H, W\] uint8"):
+        proposer.propose_batch([torch.zeros(3, 8, 8)])
+    with pytest.raises(ValueError, match=r"image 'x'"):
+        proposer.propose_batch([torch.zeros(1, 8, 8, dtype=torch.uint8)], ["x"])
+    assert proposer.propose_batch([]) == []
+
+
+# ------------------------------------------------------------------------------------------ cache
+def test_cache_is_written_and_reused_without_the_model(tmp_path: Path) -> None:
+    cache = tmp_path / "proposals"
+    first = _make(0, cache_dir=str(cache))
+    images = _images()
+    computed = [first(_sample(images[0], 11)), *first.propose_batch([images[1]], ["img-12"])]
+    assert StoredProposals(cache).exists(11) and StoredProposals(cache).exists("img-12")
+    assert json.loads((cache / SETTINGS_FILE).read_text())["threshold"] == 0.35
+
+    # Different random weights, and a model that cannot run: everything must come from the cache.
+    second = _make(1, cache_dir=cache)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model ran although the proposals were cached")
+
+    second.model.forward = boom
+    again = [second(_sample(images[0], 11)), *second.propose_batch([images[1]], ["img-12"])]
+    for a, b in zip(computed, again):
+        assert torch.equal(a.masks, b.masks)
+        assert torch.equal(a.scores, b.scores)
+    # An image id not in the cache does need the model.
+    with pytest.raises(AssertionError, match="the model ran"):
+        second(_sample(images[0], 13))
+
+
+def test_cache_with_other_settings_is_refused(tmp_path: Path) -> None:
+    _make(0, cache_dir=tmp_path)(_sample(_images()[0], 1))
+    other = _make(0, cache_dir=tmp_path, threshold=0.5)
+    with pytest.raises(ValueError, match="other settings.*threshold"):
+        other(_sample(_images()[0], 1))
+
+
+# ----------------------------------------------------------------------------- loading from disk
+def test_loads_a_saved_model_from_a_local_folder(tmp_path: Path) -> None:
+    reference = _make(0)
+    folder = tmp_path / "m2f"
+    reference.model.save_pretrained(folder)
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    with pytest.warns(UserWarning, match="7 queries.*200"):
+        loaded = Mask2FormerProposer(folder, **SMALL)
+    assert loaded.model_dir == folder and loaded.num_queries == NUM_QUERIES
+    saved, back = reference.model.state_dict(), loaded.model.state_dict()
+    assert saved.keys() == back.keys()
+    assert all(torch.equal(saved[k], back[k]) for k in saved)  # every weight came from the folder
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    images = _images()
+    for a, b in zip(reference.propose_batch(images), loaded.propose_batch(images)):
+        assert torch.equal(a.masks, b.masks)
+        torch.testing.assert_close(a.scores, b.scores)
+
+
+def test_missing_model_folder_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError) as info:
+        Mask2FormerProposer(missing)
+    message = str(info.value)
+    assert str(missing) in message and "does not exist" in message
+    assert "facebook/mask2former-swin-large-coco-panoptic" in message
+    assert "config.json" in message and "model.safetensors" in message
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        Mask2FormerProposer(empty)
+    (empty / "config.json").write_text(json.dumps({"model_type": "mask2former"}))
+    with pytest.raises(FileNotFoundError, match=r"has no weights"):
+        Mask2FormerProposer(empty)
+    (empty / "config.json").write_text(json.dumps({"model_type": "maskformer"}))
+    (empty / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="not 'mask2former'"):
+        Mask2FormerProposer(empty)
+
+
+def test_needs_exactly_one_source(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        Mask2FormerProposer()
+    with pytest.raises(ValueError, match="exactly one"):
+        Mask2FormerProposer(tmp_path, config=tiny_config())
+
+
+def test_missing_transformers_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny_config()
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now fails
+    with pytest.raises(ImportError, match=r'pip install "copatch\[mask2former\]"'):
+        Mask2FormerProposer.from_config(config)
