@@ -209,12 +209,13 @@ class Mask2FormerProposer(nn.Module):
                 "`config` (a transformers.Mask2FormerConfig for a random-weight model)"
             )
         if not 0.0 <= threshold < 1.0:
-            raise ValueError(f"threshold={threshold} must be in [0, 1): it is a sigmoid probability")
+            raise ValueError(f"threshold={threshold} must be in [0, 1): a sigmoid probability")
         if min_size <= 0 or max_size < min_size or size_divisibility < 1:
             raise ValueError(
                 f"need 0 < min_size <= max_size and size_divisibility >= 1, got min_size={min_size}"
                 f", max_size={max_size}, size_divisibility={size_divisibility}"
             )
+        self.forward_dtype = _parse_dtype(dtype)  # before the (slow) load: fail fast
         self.model_dir = None if model_dir is None else check_model_dir(model_dir)
         transformers = _import_transformers()
         if self.model_dir is not None:
@@ -229,7 +230,6 @@ class Mask2FormerProposer(nn.Module):
         self.store = None if self.cache_dir is None else StoredProposals(self.cache_dir)
         self._settings_checked = False
         self.threshold = float(threshold)
-        self.forward_dtype = _parse_dtype(dtype)
         self.return_scores = bool(scores)
         self.min_size = int(min_size)
         self.max_size = int(max_size)
@@ -288,7 +288,8 @@ class Mask2FormerProposer(nn.Module):
         return (
             f"model_dir={str(self.model_dir) if self.model_dir else None!r}, "
             f"num_queries={self.num_queries}, threshold={self.threshold}, "
-            f"cache_dir={str(self.cache_dir) if self.cache_dir else None!r}, dtype={self.forward_dtype}"
+            f"cache_dir={str(self.cache_dir) if self.cache_dir else None!r}, "
+            f"dtype={self.forward_dtype}"
         )
 
     # ---------------------------------------------------------------------------------- public
@@ -389,6 +390,8 @@ class Mask2FormerProposer(nn.Module):
         chunk = max(1, _UPSAMPLE_BUDGET // per_query)
         out = []
         for part in logits.split(chunk, dim=0):
+            # Order as the reference: upsample the padded 1/4 map first, crop after. Cropping the
+            # low-res logits first and resizing would shift the masks by a fraction of a pixel.
             up = F.interpolate(part[None], size=(hp, wp), mode="bilinear", align_corners=False)
             up = up[:, :, :h, :w]
             up = F.interpolate(up, size=original_size, mode="bilinear", align_corners=False)[0]
@@ -399,8 +402,9 @@ class Mask2FormerProposer(nn.Module):
         device_type = self.device.type
         if self.forward_dtype is None or self.forward_dtype == torch.float32:
             # The reference runs in fp32: shut off an outer autocast (e.g. Lightning "16-mixed").
-            return torch.autocast(device_type, enabled=False) if device_type in ("cuda", "cpu") \
-                else nullcontext()
+            if device_type in ("cuda", "cpu"):
+                return torch.autocast(device_type, enabled=False)
+            return nullcontext()
         return torch.autocast(device_type, dtype=self.forward_dtype)
 
     def _run(self, images: list[Tensor]) -> list[Proposals]:

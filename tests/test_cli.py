@@ -80,3 +80,22 @@ def test_real_configs_compose(model, data, capsys):
     assert config["data"]["init_args"]["dataset"] == data
     assert config["model"]["visual_mix"] == (0.85 if data == "refcocog" else 0.95)
     assert config["trainer"]["strategy"] == "ddp"
+
+
+@pytest.mark.parametrize("proposer", ["stored", "ground_truth", "mask2former"])
+def test_proposer_configs_compose(proposer, capsys):
+    import yaml
+
+    with pytest.raises(SystemExit):
+        main(["predict", "--config", str(CONFIGS / "toy.yaml"), "--config",
+              str(CONFIGS / "proposers" / f"{proposer}.yaml"), "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["proposer"]["class_path"].rsplit(".", 1)[-1] in (
+        "StoredProposals", "GroundTruthProposals", "Mask2FormerProposer")
+
+
+def test_mask2former_config_without_weights_names_the_folder(tmp_path):
+    # jsonargparse may wrap the error while it instantiates the proposer; the message stays the same.
+    with pytest.raises((FileNotFoundError, ValueError), match="mask2former-swin-large-coco-panoptic.*Nothing is downloaded"):
+        main(["predict", "--config", str(CONFIGS / "toy.yaml"), "--config",
+              str(CONFIGS / "proposers" / "mask2former.yaml"), "--trainer.default_root_dir", str(tmp_path)])

@@ -95,3 +95,17 @@ def test_masks_of_the_wrong_size_are_refused(tiny_backbone):
     with pytest.raises(ValueError, match=r"\(40, 49\).*\(40, 50\)"):
         image_features(tiny_backbone, image, torch.zeros(2, 40, 49, dtype=torch.bool), Switches(),
                        exit_layer=1, visual_mix=0.95)
+
+
+def test_input_normalisation_and_crop_fill_switches(tiny_backbone):
+    from copatch.image_features import crop_fill_value, normalize_image
+
+    image = torch.full((3, 2, 2), 255, dtype=torch.uint8)
+    imagenet = normalize_image(image, Switches(), tiny_backbone)
+    expected = [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+    torch.testing.assert_close(imagenet[:, 0, 0], torch.tensor(expected))
+    clip = normalize_image(image, Switches(input_norm="clip"), tiny_backbone)
+    expected = [(1 - m) / s for m, s in zip(tiny_backbone.clip_mean, tiny_backbone.clip_std)]
+    torch.testing.assert_close(clip[:, 0, 0], torch.tensor(expected))
+    assert crop_fill_value(Switches(), torch.device("cpu")).flatten().tolist() == pytest.approx(list(IMAGENET_MEAN))
+    assert crop_fill_value(Switches(crop_fill="mean_colour"), torch.device("cpu")).abs().sum() == 0

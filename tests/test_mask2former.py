@@ -139,7 +139,7 @@ def test_preprocess_resizes_normalises_and_pads() -> None:
     images = _images()
     pixels, sizes = proposer.preprocess(images)
     assert sizes == [(800, 1067), (1333, 762)]
-    # Padded to the largest resized size, rounded up to a multiple of 32: 1333 -> 1344, 1067 -> 1088.
+    # Padded to the largest resized size, rounded up to a multiple of 32: 1333->1344, 1067->1088.
     assert pixels.shape == (2, 3, 1344, 1088) and pixels.dtype == torch.float32
     mean = np.array([123.675, 116.28, 103.53], dtype=np.float32)[:, None, None]
     std = np.array([58.395, 57.12, 57.375], dtype=np.float32)[:, None, None]
@@ -174,7 +174,8 @@ def test_batch_of_two_sizes_gives_all_queries_at_original_size(
         # Outputs are ordinary tensors (not inference tensors): callers may edit them.
         assert not props.masks.is_inference()
         props.masks[0] = False
-    coverage = torch.cat([p.masks.flatten(1).float().mean(1) for p in proposer.propose_batch(images)])
+    again = proposer.propose_batch(images)
+    coverage = torch.cat([p.masks.flatten(1).float().mean(1) for p in again])
     # The test model really produces partial masks, so the comparisons below are meaningful.
     assert ((coverage > 0) & (coverage < 1)).any()
 
@@ -360,3 +361,23 @@ def test_missing_transformers_says_what_to_install(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now fails
     with pytest.raises(ImportError, match=r'pip install "copatch\[mask2former\]"'):
         Mask2FormerProposer.from_config(config)
+
+
+def test_can_be_named_as_proposer_in_a_cli_config(tmp_path: Path) -> None:
+    """`CoPatch(proposer=...)` is typed `MaskProposer`; jsonargparse (LightningCLI) must accept
+    this class for it, which needs an explicit `__call__(sample) -> Proposals` signature."""
+    from jsonargparse import ArgumentParser
+
+    folder = tmp_path / "m2f"
+    _make(0).model.save_pretrained(folder)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--proposer", type=MaskProposer)
+    init_args = {"model_dir": str(folder), "cache_dir": str(tmp_path / "cache"),
+                 "dtype": "bfloat16", "min_size": 64, "max_size": 100}
+    cfg = parser.parse_args(["--proposer", json.dumps(
+        {"class_path": "copatch.mask2former.Mask2FormerProposer", "init_args": init_args})])
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    with pytest.warns(UserWarning, match="queries"):
+        built = instantiate(cfg).proposer
+    assert isinstance(built, Mask2FormerProposer) and built.forward_dtype == torch.bfloat16
+    assert built(_sample(_images()[0], 1)).masks.shape == (NUM_QUERIES, *SIZES[0])
