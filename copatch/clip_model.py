@@ -49,6 +49,17 @@ for _cfg in sorted(MODEL_CONFIG_DIR.glob("*.json")):
     register_model_config(_cfg)
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_checkpoint(pretrained: str | None) -> str | None:
+    """`package:<path>` names a file shipped inside the copatch package (the demo CLIP's weights);
+    anything else is returned unchanged."""
+    if pretrained and pretrained.startswith(PACKAGE_PREFIX):
+        return str(Path(__file__).parent / pretrained[len(PACKAGE_PREFIX):])
+    return pretrained
+
+
 def _looks_like_path(pretrained: str) -> bool:
     return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
 
@@ -59,13 +70,15 @@ def create_clip(model_name: str, pretrained: str | None = None, model_config: st
     Args:
         model_name: an open_clip model name (`ViT-B-16-quickgelu`, `ViT-H-14`, `copatch-tiny`, ...).
             OpenAI weights need a `-quickgelu` name: open_clip does not check this for a file path.
-        pretrained: a local checkpoint file, an open_clip tag (only from the local hub cache), or None for
-            random weights (masks are then meaningless; for tests and smoke runs).
+        pretrained: a local checkpoint file (`package:<path>` for one shipped inside copatch), an open_clip
+            tag (only from the local hub cache), or None for random weights (masks are then meaningless;
+            for tests and smoke runs).
         model_config: optional path of an open_clip JSON config to register first; `model_name` then
             defaults to its stem.
     """
     if model_config is not None:
         model_name = register_model_config(model_config)
+    pretrained = resolve_checkpoint(pretrained)
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown CLIP model name {model_name!r}: use one of open_clip.list_models() "
                          f"(e.g. ViT-B-16-quickgelu, ViT-H-14, copatch-tiny) or pass model_config=<json file>.")

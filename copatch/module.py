@@ -195,34 +195,43 @@ class CoPatch(pl.LightningModule):
     @torch.no_grad()
     def predict_image(self, sample: ImageSample) -> list[Prediction]:
         """All expressions of one image; image-side work is done once."""
-        height, width = sample.size
-        masks = self.propose(sample).masks.to(self.device, torch.bool)
-        _check_shape(masks, (height, width), "proposal masks", sample)
-        if sample.targets is not None:
-            _check_shape(sample.targets, (height, width), "ground-truth masks", sample)
+        masks, feats = self.image_side(sample)
         parsed = self.parse(sample)
-        texts = self.encode_text(parsed)
-        if masks.shape[0] == 0:
-            preds = [self._empty_prediction(sample, i, p) for i, p in enumerate(parsed)]
-        else:
-            feats = self.encode_image(sample, masks)
-            emb = F.normalize(feats.mask_embeddings.float(), dim=-1)
-            scale = self.backbone.logit_scale
-            mask_scores = scale * emb @ F.normalize(texts.fused, dim=-1).T  # [N, E]
-            # A zero "other nouns" vector gives NaN here, as in the reference; it is only used when the
-            # expression names other nouns.
-            negative_scores = scale * emb @ (texts.negatives / texts.negatives.norm(dim=-1, keepdim=True)).T
-            patch_scores = similarity_map(feats.patch_embeddings, texts.fused, self.switches.similarity_norm)
-            heat = gem_heatmaps(feats.gem_patches, texts.gem, self.hparams.gem_size) \
-                if feats.gem_patches is not None else None
-            preds = []
-            for i, p in enumerate(parsed):
-                cues = ExpressionCues(p, masks, feats.boxes, mask_scores[:, i], negative_scores[:, i],
-                                      None if heat is None else heat[i])
-                preds.append(self._predict_expression(sample, i, cues, patch_scores[i]))
+        preds = self.expression_side(sample, masks, feats, parsed, self.encode_text(parsed))
         self._update_metrics(sample, preds, masks)
         for p in preds:  # returned and written predictions need not hold device memory
             p.mask = p.mask.cpu()
+        return preds
+
+    def image_side(self, sample: ImageSample) -> tuple[torch.Tensor, ImageFeatures | None]:
+        """Proposals `[N, H, W] bool` and their text-independent features (None without proposals)."""
+        size = sample.size
+        masks = self.propose(sample).masks.to(self.device, torch.bool)
+        _check_shape(masks, size, "proposal masks", sample)
+        if sample.targets is not None:
+            _check_shape(sample.targets, size, "ground-truth masks", sample)
+        return masks, (self.encode_image(sample, masks) if masks.shape[0] else None)
+
+    def expression_side(self, sample: ImageSample, masks: torch.Tensor, feats: ImageFeatures | None,
+                        parsed: list[ParsedExpression], texts: ExpressionTexts) -> list[Prediction]:
+        """Predictions for the parsed expressions of `sample` from its image-side results."""
+        if feats is None:
+            return [self._empty_prediction(sample, i, p) for i, p in enumerate(parsed)]
+        emb = F.normalize(feats.mask_embeddings.float(), dim=-1)
+        scale = self.backbone.logit_scale
+        mask_scores = scale * emb @ F.normalize(texts.fused, dim=-1).T  # [N, E]
+        # A zero "other nouns" vector gives NaN here, as in the reference; it is only used when the
+        # expression names other nouns.
+        negative_scores = scale * emb @ (texts.negatives / texts.negatives.norm(dim=-1, keepdim=True)).T
+        patch_scores = similarity_map(feats.patch_embeddings, texts.fused, self.switches.similarity_norm)
+        heat = None
+        if feats.gem_patches is not None and texts.gem is not None:
+            heat = gem_heatmaps(feats.gem_patches, texts.gem, self.hparams.gem_size)
+        preds = []
+        for i, p in enumerate(parsed):
+            cues = ExpressionCues(p, masks, feats.boxes, mask_scores[:, i], negative_scores[:, i],
+                                  None if heat is None else heat[i])
+            preds.append(self._predict_expression(sample, i, cues, patch_scores[i]))
         return preds
 
     def _predict_expression(self, sample: ImageSample, i: int, cues: "ExpressionCues",

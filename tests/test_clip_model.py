@@ -38,3 +38,13 @@ def test_unknown_model_name():
 def test_missing_model_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json"):
         ClipBackbone(model_config=str(tmp_path / "nope.json"))
+
+
+def test_package_prefix_resolves_inside_the_package():
+    import copatch
+    from pathlib import Path
+
+    from copatch.clip_model import resolve_checkpoint
+
+    assert resolve_checkpoint("package:weights/x.pt") == str(Path(copatch.__file__).parent / "weights" / "x.pt")
+    assert resolve_checkpoint("/abs/x.pt") == "/abs/x.pt" and resolve_checkpoint(None) is None
