@@ -23,7 +23,7 @@ import torchvision.transforms.functional as TF
 
 from copatch.backbone import IMAGENET_MEAN, IMAGENET_STD, ClipBackbone
 from copatch.hooks import capture_block_outputs, mask_patch_tokens
-from copatch.masks import masks_to_boxes
+from copatch.masks import masks_to_boxes, unique_masks
 from copatch.switches import Switches
 
 
@@ -131,11 +131,13 @@ def image_features(backbone: ClipBackbone, image: torch.Tensor, masks: torch.Ten
     # masked blocks its tokens would be masked, so it then gets its own plain pass.
     shared = exit_layer < start and n > 0
     if n > 0:
+        # Identical proposals (Mask2Former gives many empty and duplicate masks) are encoded once.
+        distinct, inverse = unique_masks(masks)
         grid = [backbone.grid, backbone.grid]
-        weights = TF.resize(masks[:, None].to(normed.dtype), grid, antialias=True).flatten(1)
+        weights = TF.resize(distinct[:, None].to(normed.dtype), grid, antialias=True).flatten(1)
         with capture_block_outputs(backbone.blocks, [exit_layer] if shared else []) as captured, \
                 mask_patch_tokens(backbone.blocks, start, weights):
-            global_emb = backbone.encode_image(resized)
+            global_emb = backbone.encode_image(resized)[inverse]
     if shared:
         patches = backbone.project_patches(captured[exit_layer], switches.negate_patches)[0]
     else:
@@ -145,7 +147,8 @@ def image_features(backbone: ClipBackbone, image: torch.Tensor, masks: torch.Ten
     if n == 0:
         empty = patches.new_zeros(0, patches.shape[-1])
         return ImageFeatures(masks, boxes, empty, patches)
-    local_emb = local_embeddings(backbone, normed, masks, boxes, crop_fill_value(switches, normed.device))
+    local_emb = local_embeddings(backbone, normed, distinct, masks_to_boxes(distinct),
+                                 crop_fill_value(switches, normed.device))[inverse]
     if switches.mask_feature_mix == "normalized":
         global_emb, local_emb = F.normalize(global_emb, dim=-1), F.normalize(local_emb, dim=-1)
     mixed = visual_mix * global_emb + (1 - visual_mix) * local_emb

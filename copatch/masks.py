@@ -172,3 +172,33 @@ def decode_rle(rles: list[dict], height: int, width: int) -> Tensor:
         )
         array = mask_utils.decode(objs)  # [H, W, N] uint8
     return torch.from_numpy(array).permute(2, 0, 1).contiguous().bool()
+
+
+def unique_masks(masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Distinct masks and where each input mask went: `[N, H, W] bool -> ([U, H, W], [N] int64)`.
+
+    `unique[inverse]` equals `masks` exactly. Masks are grouped by a random projection of their pixels
+    (float64), then each group is confirmed pixel for pixel, so a hash collision can never merge two
+    different masks. Mask2Former's 200 queries hold many empty and duplicate masks, and every mask
+    costs a CLIP pass, so this saves work without changing any result.
+    """
+    _check_stack(masks, "masks")
+    n = masks.shape[0]
+    if n == 0:
+        return masks, torch.zeros(0, dtype=torch.int64, device=masks.device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    weights = torch.rand(masks[0].numel(), generator=g, dtype=torch.float64).to(masks.device)
+    keys = (masks.flatten(1).double() @ weights).tolist()
+    first_of: dict[float, list[int]] = {}
+    inverse = [0] * n
+    kept: list[int] = []
+    for i, key in enumerate(keys):
+        for u in first_of.get(key, []):
+            if torch.equal(masks[kept[u]], masks[i]):
+                inverse[i] = u
+                break
+        else:
+            first_of.setdefault(key, []).append(len(kept))
+            inverse[i] = len(kept)
+            kept.append(i)
+    return masks[kept], torch.tensor(inverse, dtype=torch.int64, device=masks.device)

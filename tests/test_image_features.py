@@ -54,6 +54,7 @@ def test_global_local_embeddings_match_the_reference_loop(tiny_backbone, exit_la
     torch.manual_seed(1)
     image = torch.randint(0, 256, (3, 70, 90), dtype=torch.uint8)
     masks = _masks(70, 90)
+    masks = torch.cat([masks, masks[:1]])  # a duplicate proposal: encoded once, mapped back
     fill = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     feats = image_features(tiny_backbone, image, masks, Switches(), exit_layer=exit_layer, visual_mix=0.95,
                            token_mask_blocks=3)

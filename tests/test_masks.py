@@ -130,3 +130,18 @@ def test_decode_rle_accepts_uncompressed_counts() -> None:
     # Column-major runs of a 2x3 mask: 1 zero, 2 ones, 3 zeros.
     out = M.decode_rle([{"size": [2, 3], "counts": [1, 2, 3]}], 2, 3)
     assert out[0].tolist() == [[False, True, False], [True, False, False]]
+
+
+def test_unique_masks_maps_back_exactly():
+    from copatch.masks import unique_masks
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(5, 9, 11, generator=g) > 0.5
+    empty = torch.zeros(1, 9, 11, dtype=torch.bool)
+    masks = torch.cat([base, base[[2, 0]], empty, empty, base[[4]]])
+    distinct, inverse = unique_masks(masks)
+    assert torch.equal(distinct[inverse], masks)
+    assert distinct.shape[0] == 6  # 5 distinct random masks + the empty one
+    assert inverse.tolist() == [0, 1, 2, 3, 4, 2, 0, 5, 5, 4]
+    none, inv = unique_masks(torch.zeros(0, 3, 3, dtype=torch.bool))
+    assert none.shape == (0, 3, 3) and inv.numel() == 0
