@@ -369,6 +369,22 @@ def evaluate(model, tokens: Tokens, n: int = 480, n_scenes: int = 400) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ main
+def eval_only(args) -> None:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    model = open_clip.create_model(MODEL_NAME, pretrained=str(out), precision="fp32").eval()
+    t0 = time.perf_counter()
+    metrics = evaluate(model, Tokens(open_clip.get_tokenizer(MODEL_NAME)), n=args.eval_samples,
+                       n_scenes=args.eval_samples)
+    print(f"eval ({time.perf_counter() - t0:.1f}s): " + json.dumps(metrics), flush=True)
+    info_path = out.with_suffix(".json")
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        info["eval"] = metrics
+        info_path.write_text(json.dumps(info, indent=2) + "\n")
+        print(f"updated {info_path}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=15.0, help="wall-clock training budget (eval excluded)")
@@ -384,7 +400,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(REPO / "copatch/weights/copatch-demo.pt"))
     parser.add_argument("--eval-samples", type=int, default=480)
     parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--eval-only", action="store_true",
+                        help="only re-run the evaluation of the weights at --out and update its JSON")
     args = parser.parse_args(argv)
+    if args.eval_only:
+        return eval_only(args)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -462,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
            "precision": "fp32" if args.no_bf16 else "bf16 autocast", "saved_dtype": "float16"},
         "steps": step,
         "final_loss": round(final_loss, 4),
-        "final_logit_scale": round(float(model.logit_scale.exp()), 3),
+        "final_logit_scale": round(model.logit_scale.exp().item(), 3),
         "wall_time_s": round(wall, 1),
         "seconds_per_step": round(wall / max(1, step), 3),
         "eval_time_s": round(eval_time, 1),
