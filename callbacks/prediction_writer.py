@@ -1,10 +1,18 @@
-"""`PredictionWriter`: one JSON line per expression, written per batch and per rank.
+"""`PredictionWriter`: one JSON line per expression, written per batch and per rank; resumable.
 
 Each rank appends to its own `predictions.rank<R>.jsonl` under the output dir (the trainer's
-`default_root_dir` unless given), flushed after every batch, so nothing collides across GPUs and
-`return_predictions=False` loses nothing. A line holds the expression id, the expression, the chosen
-proposal, the candidates and their scores, the IoU when the ground truth is known, and the chosen mask
-as a compressed COCO RLE (`{"size": [H, W], "counts": str}`).
+`default_root_dir` unless given), in one write per batch followed by flush and fsync, so nothing
+collides across GPUs, `return_predictions=False` loses nothing, and a killed run loses at most the
+batch in flight. A line holds the expression id, the expression, the chosen proposal, the
+candidates and their scores, the IoU when the ground truth is known together with its exact pixel
+counts (`inter`, `union`, and `oracle_inter`, `oracle_union` for the top-k oracle), and the chosen
+mask as a compressed COCO RLE (`{"size": [H, W], "counts": str}`). An expression that could not be
+evaluated also carries `failure: {"kind", "file", "error"}` and is logged in `failures.rank<R>.jsonl`.
+
+Resume: rerunning the same command with the same output dir skips every expression that already has
+a line there (written by any rank of any earlier run) and computes only the rest; the metrics of the
+run are then those of all lines (see `copatch.evaluate`). A dir written by another setup (model,
+switches, proposer, weights, data, precision: `run.json`) is refused. See `copatch.run_state`.
 
 With `png=True` every chosen mask is also written as `<output_dir>/masks/<id>.png`, a binary
 (0/255) PNG at the image's size: the layout PhraseCut's official evaluator reads (`<task_id>.png`).
@@ -12,35 +20,77 @@ With `png=True` every chosen mask is also written as `<output_dir>/masks/<id>.pn
 
 from __future__ import annotations
 
-import json
+import os
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
+from copatch.failures import failure_line
 from copatch.masks import encode_rle
+from copatch.run_state import (append_jsonl, check_run, completed_ids, jsonable, read_jsonl, read_predictions,
+                               write_run)
 from copatch.types import Prediction
+
+# Settings of a DataModule that do not change any prediction (left out of the run's fingerprint).
+_DATA_RUNTIME_KEYS = ("batch_size", "num_workers")
 
 
 def prediction_record(pred: Prediction, with_mask: bool = True) -> dict[str, Any]:
     """A JSON-ready dict of one prediction."""
     record = {"id": pred.expression_id, "image_id": pred.image_id, "text": pred.text, "chosen": pred.chosen,
               "candidates": pred.candidates, "candidate_scores": pred.candidate_scores, "iou": pred.iou,
-              "oracle_iou": pred.oracle_iou, **pred.extras}
+              "oracle_iou": pred.oracle_iou, "inter": pred.inter, "union": pred.union,
+              "oracle_inter": pred.oracle_inter, "oracle_union": pred.oracle_union, **pred.extras}
+    if pred.failure is not None:
+        record["failure"] = pred.failure
     if with_mask:
         record["mask"] = encode_rle(pred.mask[None].cpu())[0]
     return record
 
 
+def run_fingerprint(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    """What defines the results of `trainer.predict(pl_module)`: the model's `fingerprint()` (or its
+    hyperparameters), the DataModule's class and settings, the precision and the accelerator, and the
+    copatch version. The number of devices or nodes is not part of it: a run may resume on another."""
+    describe = getattr(pl_module, "fingerprint", None)
+    model = describe() if callable(describe) else {"class": _class_path(pl_module),
+                                                   "hparams": jsonable(dict(pl_module.hparams))}
+    dm = trainer.datamodule
+    data = None
+    if dm is not None:
+        hparams = {k: v for k, v in jsonable(dict(dm.hparams)).items() if k not in _DATA_RUNTIME_KEYS}
+        data = {"class": _class_path(dm), "hparams": hparams}
+    return {"copatch": _version(), "model": model, "data": data,
+            "trainer": {"precision": str(trainer.precision), "accelerator": type(trainer.accelerator).__name__}}
+
+
+def _class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("copatch")
+    except Exception:  # not installed (running from a checkout)
+        return "unknown"
+
+
 class PredictionWriter(BasePredictionWriter):
-    """Writes every prediction as a JSON line, per batch, one file per rank.
+    """Writes every prediction as a JSON line, per batch, one file per rank; resumes a killed run.
 
     Args:
         output_dir: where to write; defaults to the trainer's `default_root_dir`.
-        with_masks: store the chosen mask as COCO RLE (needed to re-evaluate from disk).
+        with_masks: store the chosen mask as COCO RLE (needed by `copatch evaluate --ground-truth`).
         png: also write each chosen mask as `masks/<id>.png`.
     """
 
@@ -56,20 +106,57 @@ class PredictionWriter(BasePredictionWriter):
     def path(self, trainer: pl.Trainer) -> Path:
         return self.root(trainer) / f"predictions.rank{trainer.global_rank}.jsonl"
 
+    def failures_path(self, trainer: pl.Trainer) -> Path:
+        return self.root(trainer) / f"failures.rank{trainer.global_rank}.jsonl"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # In `setup`, before LightningCLI's SaveConfigCallback (added after the configured callbacks)
+        # overwrites config.yaml: a refused run must leave the dir as it was.
+        if stage != "predict":
+            return
+        root = self.root(trainer)
+        root.mkdir(parents=True, exist_ok=True)
+        fingerprint = run_fingerprint(trainer, pl_module)
+        # Every rank checks the same run.json before anything is written, so all refuse together.
+        if not check_run(root, fingerprint) and trainer.is_global_zero:
+            dm = trainer.datamodule
+            write_run(root, fingerprint, {
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cwd": os.getcwd(), "command": sys.argv,
+                "world_size": trainer.world_size, "data_class": _class_path(dm) if dm is not None else None,
+                "data_hparams": jsonable(dict(dm.hparams)) if dm is not None else None})
+
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        path = self.path(trainer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")  # a fresh run starts a fresh file
+        root = self.root(trainer)
+        read_jsonl(self.path(trainer), repair=True)  # drop a line torn by a kill before appending to the file
+        self.path(trainer).touch()  # every rank has a file, even one that gets nothing to do
+        done = completed_ids(read_predictions(root))  # every rank's file: the last run may have had another size
+        if hasattr(pl_module, "skip_ids"):
+            pl_module.skip_ids = done
+            pl_module.run_dir = root
+        if done:
+            rank_zero_info(f"Resuming in {root}: {len(done)} expressions already written there are skipped "
+                           "(delete the dir, or use a new --trainer.default_root_dir, to compute everything again).")
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: list[Prediction],
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
-        with self.path(trainer).open("a") as f:
-            for pred in prediction:
-                f.write(json.dumps(prediction_record(pred, self.with_masks)) + "\n")
-            f.flush()
-        if self.png:
+        if self.png:  # before the line: an expression whose line exists has its PNG
             masks = self.root(trainer) / "masks"
             masks.mkdir(parents=True, exist_ok=True)
             for pred in prediction:
                 pixels = pred.mask.cpu().numpy().astype(np.uint8) * 255
-                Image.fromarray(pixels).save(masks / f"{pred.expression_id}.png")
+                _save_png_atomic(pixels, masks / f"{pred.expression_id}.png")
+        records = [prediction_record(pred, self.with_masks) for pred in prediction]
+        append_jsonl(self.path(trainer), records)
+        append_jsonl(self.failures_path(trainer), [failure_line(r) for r in records if r.get("failure")])
+
+
+def _save_png_atomic(pixels: np.ndarray, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        Image.fromarray(pixels).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -7,11 +7,19 @@ CoMap clusters, the candidates `[g, b_1, b_2]` and the spatial-guidance pick.
 
 Each stage is an overridable method (`propose`, `parse`, `encode_text`, `encode_image`, `comap`,
 `select`, `pick`) so that a subclass can observe or replace one stage without forking the rest.
+
+An image that cannot be evaluated (unreadable image or proposals file, no proposals; see
+`copatch.failures`) does not stop the run: its expressions get an empty mask and a `failure` record,
+and count as IoU 0. With a `PredictionWriter` the module skips the expressions already written in
+the output dir (resume) and its results are computed from all written lines (`copatch.evaluate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import logging
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,17 +32,29 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from copatch.backbone import ClipBackbone
+from copatch.clip_model import resolve_checkpoint
 from copatch.comap import Clusters, cluster_patches, similarity_map, upsample_clusters
+from copatch.evaluate import evaluate_run, format_results, report
+from copatch.failures import IMAGE, NO_PROPOSALS, PROPOSALS, InputFailure
 from copatch.image_features import ImageFeatures, image_features
 from copatch.metrics import RISMetric, intersection_union, iou_from_counts
-from copatch.proposals import GroundTruthProposals, MaskProposer, Proposals
+from copatch.proposals import GroundTruthProposals, MaskProposer, Proposals, StoredProposals
 from copatch.gem import gem_heatmaps, gem_patch_features, gem_transform
+from copatch.run_state import (METRICS_FILE, atomic_write_text, file_fingerprint, id_key, jsonable,
+                               object_fingerprint)
 from copatch.selection import Selection, pick_by_score, select_candidates, select_top_k
 from copatch.spatial import coherence_map, coherence_scores, final_pick, relation_scores
 from copatch.switches import Switches
 from copatch.text.features import ExpressionTexts, TextFeatureCache, encode_expressions
 from copatch.text.parsing import ExpressionParser, ParsedExpression, SpacyParser, StanzaParser
 from copatch.types import ImageSample, Prediction
+
+__all__ = ["CoPatch", "ExpressionCues", "format_results"]
+
+log = logging.getLogger("copatch")
+
+# Hyperparameters that name weights files: the fingerprint of a run holds the files' contents instead.
+_WEIGHT_HPARAMS = ("clip_pretrained", "gem_pretrained", "clip_config")
 
 
 @dataclass
@@ -105,6 +125,11 @@ class CoPatch(pl.LightningModule):
         self.switches = switches
         self.proposer: MaskProposer = proposer if proposer is not None else GroundTruthProposals()
         self._parser = parser
+        self._parser_given = parser is not None
+        # Set by the PredictionWriter for one predict run: the output dir, and the ids (`id_key`) it
+        # already holds, which are not computed again (resume).
+        self.run_dir: Path | None = None
+        self.skip_ids: set[str] = set()
         self.text_cache = TextFeatureCache()
         self.gem_text_cache = TextFeatureCache()
         self.metric = RISMetric()
@@ -189,15 +214,42 @@ class CoPatch(pl.LightningModule):
         """Predict a mask for every expression of every image in the batch."""
         predictions: list[Prediction] = []
         for sample in batch:
-            predictions.extend(self.predict_image(sample))
+            pending = self.pending(sample)
+            if pending is not None:
+                predictions.extend(self.predict_image(pending))
         return predictions
+
+    def pending(self, sample: ImageSample) -> ImageSample | None:
+        """`sample` without the expressions of `skip_ids` (already written by an earlier run), or None
+        when none is left, so that the image is not worked on at all."""
+        if not self.skip_ids:
+            return sample
+        keep = [i for i, e in enumerate(sample.expressions) if id_key(e.id) not in self.skip_ids]
+        if len(keep) == len(sample.expressions):
+            return sample
+        if not keep:
+            return None
+        targets = sample.targets[keep] if sample.targets is not None else None
+        return dataclasses.replace(sample, expressions=[sample.expressions[i] for i in keep], targets=targets)
 
     @torch.no_grad()
     def predict_image(self, sample: ImageSample) -> list[Prediction]:
-        """All expressions of one image; image-side work is done once."""
-        masks, feats = self.image_side(sample)
-        parsed = self.parse(sample)
-        preds = self.expression_side(sample, masks, feats, parsed, self.encode_text(parsed))
+        """All expressions of one image; image-side work is done once.
+
+        An image that cannot be evaluated (`copatch.failures`: unreadable image or proposals file)
+        gives predictions with an empty mask and a `failure` record, counted as IoU 0.
+        """
+        try:
+            if sample.error is not None:
+                raise InputFailure(IMAGE, sample.file_name, sample.error)
+            masks, feats = self.image_side(sample)
+            parsed = self.parse(sample)
+            preds = self.expression_side(sample, masks, feats, parsed, self.encode_text(parsed))
+        except InputFailure as failure:
+            log.warning("image %r: %s (its %d expressions count as IoU 0)", sample.image_id, failure.message,
+                        len(sample.expressions))
+            masks = torch.zeros((0, *sample.size), dtype=torch.bool, device=self.device)
+            preds = [self._failed_prediction(sample, i, failure.record()) for i in range(len(sample.expressions))]
         self._update_metrics(sample, preds, masks)
         for p in preds:  # returned and written predictions need not hold device memory
             p.mask = p.mask.cpu()
@@ -206,7 +258,15 @@ class CoPatch(pl.LightningModule):
     def image_side(self, sample: ImageSample) -> tuple[torch.Tensor, ImageFeatures | None]:
         """Proposals `[N, H, W] bool` and their text-independent features (None without proposals)."""
         size = sample.size
-        masks = self.propose(sample).masks.to(self.device, torch.bool)
+        try:
+            proposals = self.propose(sample)
+        except (OSError, ValueError) as err:
+            # A missing or corrupt stored-proposals file concerns this image only; other proposers'
+            # errors mean the setup is wrong and stop the run.
+            if not isinstance(self.proposer, StoredProposals):
+                raise
+            raise InputFailure(PROPOSALS, str(self.proposer.path(sample.image_id)), str(err)) from err
+        masks = proposals.masks.to(self.device, torch.bool)
         _check_shape(masks, size, "proposal masks", sample)
         if sample.targets is not None:
             _check_shape(sample.targets, size, "ground-truth masks", sample)
@@ -251,13 +311,24 @@ class CoPatch(pl.LightningModule):
                                   "oracle_pool": selection.oracle_pool, **cues.extras})
 
     def _empty_prediction(self, sample: ImageSample, i: int, parsed: ParsedExpression) -> Prediction:
-        # No proposals: the expression is still counted, with an empty mask (IoU 0).
+        # No proposals: the expression is still counted, with an empty mask (IoU 0), and recorded.
+        pred = self._failed_prediction(sample, i, self._no_proposals(sample))
+        pred.extras.update(noun_phrase=parsed.noun_phrase, context=parsed.context_phrase)
+        return pred
+
+    def _no_proposals(self, sample: ImageSample) -> dict[str, str]:
+        where = (str(self.proposer.path(sample.image_id)) if isinstance(self.proposer, StoredProposals)
+                 else sample.file_name)
+        return {"kind": NO_PROPOSALS, "file": where,
+                "error": f"the proposer ({type(self.proposer).__name__}) gave 0 candidate masks for image "
+                         f"{sample.image_id!r}, so no mask can be chosen."}
+
+    def _failed_prediction(self, sample: ImageSample, i: int, failure: dict[str, str]) -> Prediction:
         expr = sample.expressions[i]
         empty = torch.zeros(sample.size, dtype=torch.bool, device=self.device)
         return Prediction(expr.id, sample.image_id, expr.text, empty, -1, [], [],
                           torch.zeros(0, self.backbone.grid, self.backbone.grid, dtype=torch.bool),
-                          extras={"noun_phrase": parsed.noun_phrase, "context": parsed.context_phrase,
-                                  "oracle_pool": []})
+                          extras={"oracle_pool": []}, failure=failure)
 
     def _update_metrics(self, sample: ImageSample, preds: list[Prediction], masks: torch.Tensor) -> None:
         if sample.targets is None or not preds:
@@ -281,12 +352,35 @@ class CoPatch(pl.LightningModule):
         self.oracle_metric.update_counts(oracle_inter, oracle_union)
         for p, iou in zip(preds, iou_from_counts(oracle_inter, oracle_union).tolist()):
             p.oracle_iou = iou
+        # The exact counts go with each prediction, so the metrics can be recomputed from the written lines.
+        for p, i, u, oi, ou in zip(preds, inter.tolist(), union.tolist(), oracle_inter.tolist(),
+                                   oracle_union.tolist()):
+            p.inter, p.union, p.oracle_inter, p.oracle_union = int(i), int(u), int(oi), int(ou)
+
+    def setup(self, stage: str) -> None:
+        # Runs after the callbacks' `setup` and before their `on_predict_start`, where a PredictionWriter
+        # sets these again: a run without a writer never sees those of an earlier (maybe failed) run.
+        self.run_dir, self.skip_ids = None, set()
+
+    def on_predict_start(self) -> None:
+        proposer = self.proposer
+        if isinstance(proposer, StoredProposals) and not proposer.root.is_dir():
+            raise FileNotFoundError(
+                f"stored proposals folder {proposer.root} does not exist: set model.proposer.init_args.root to the "
+                "folder of <image_id>.json files (see copatch/proposals.py for the format), or use another proposer "
+                "(configs/proposers/).")
 
     def on_predict_epoch_start(self) -> None:
         self.metric.reset()
         self.oracle_metric.reset()
 
+    def on_predict_end(self) -> None:
+        self.run_dir, self.skip_ids = None, set()
+
     def on_predict_epoch_end(self) -> None:
+        if self.run_dir is not None:
+            self._results_from_disk(self.run_dir)
+            return
         # compute() all-reduces the sum states, so every rank must call it (rank 0 alone would hang).
         if int(self.metric.num_samples) == 0 and self.trainer.world_size == 1:
             return
@@ -297,8 +391,47 @@ class CoPatch(pl.LightningModule):
         if self.trainer.is_global_zero:
             rank_zero_info(format_results(results))
             out = Path(self.trainer.default_root_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "metrics.json").write_text(json.dumps({"metrics": results, "setup": self.describe()}, indent=2))
+            atomic_write_text(out / METRICS_FILE, json.dumps({"metrics": results, "setup": self.describe()}, indent=2))
+
+    def _results_from_disk(self, root: Path) -> None:
+        # With a PredictionWriter the results are those of every line in the output dir (all ranks,
+        # and earlier runs when this one resumed), computed by rank 0 once every rank has written.
+        strategy = self.trainer.strategy
+        strategy.barrier("copatch_predictions_written")
+        payload: Any = None
+        error: BaseException | None = None
+        if self.trainer.is_global_zero:
+            try:
+                evaluation = evaluate_run(root, setup=self.describe())
+                rank_zero_info(report(evaluation, root))
+                payload = ("ok", evaluation.metrics)
+            except Exception as err:  # every rank must reach the broadcast, or the others hang
+                error, payload = err, ("error", f"{type(err).__name__}: {err}")
+        payload = strategy.broadcast(payload, src=0)
+        if error is not None:
+            raise error
+        if payload[0] == "error":
+            raise RuntimeError(f"rank 0 could not compute the metrics of {root}: {payload[1]}")
+        self.results = payload[1]
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What defines this model's predictions, for `run.json`: hyperparameters (switches included),
+        the content of the weights files, the proposer and its settings; for random weights, a hash
+        of the weights themselves."""
+        hparams = {k: v for k, v in jsonable(dict(self.hparams)).items() if not k.startswith("_")}
+        for key in _WEIGHT_HPARAMS:  # compared by content, so a moved or renamed file is the same setup
+            hparams[key] = file_fingerprint(resolve_checkpoint(hparams.get(key)))
+        out: dict[str, Any] = {"class": f"{type(self).__module__}.{type(self).__qualname__}", "hparams": hparams,
+                               "proposer": object_fingerprint(self.proposer)}
+        if self._parser_given:
+            out["parser"] = object_fingerprint(self._parser)
+        if not self.hparams.clip_pretrained or (self.hparams.gem_model and not self.hparams.gem_pretrained):
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            out["random_weights_sha256"] = digest.hexdigest()
+        return out
 
     def describe(self) -> dict[str, Any]:
         """What produced these results: hyperparameters, switches and versions."""
@@ -313,8 +446,3 @@ def _check_shape(masks: torch.Tensor, size: tuple[int, int], what: str, sample: 
         raise ValueError(f"{what} of image {sample.image_id!r} ({sample.file_name}) are {tuple(masks.shape[-2:])} "
                          f"but the image is {size}: masks must be at the image's original resolution.")
 
-
-def format_results(results: dict[str, float]) -> str:
-    """A small text table of the metrics."""
-    rows = [f"{k:>12}  {v:8.2f}" if k != "n" else f"{k:>12}  {int(v):8d}" for k, v in results.items()]
-    return "CoPatch results\n" + "\n".join(rows)

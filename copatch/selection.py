@@ -68,15 +68,24 @@ def select_candidates(scores: torch.Tensor, soft_clusters: torch.Tensor, masks: 
     """
     if masks.shape[0] == 0:
         raise ValueError("select_candidates needs at least one proposal")
+    iou = pairwise_iou(binarize_clusters(soft_clusters, binarize), masks)  # [k, N]
+    return candidates_from_iou(scores, iou, top_k=top_k, keep_last_cluster=keep_last_cluster)
+
+
+def candidates_from_iou(scores: torch.Tensor, cluster_iou: torch.Tensor, *, top_k: int = 3,
+                        keep_last_cluster: bool = False) -> Selection:
+    """Candidates from the IoU of each CoMap cluster with each proposal, `cluster_iou` `[k, N]`.
+
+    The module computes the IoUs of all clusters of all an image's expressions in one call, so this is
+    the per-expression part of `select_candidates`.
+    """
+    n = scores.shape[0]
     top1 = int(torch.argmax(scores))
-    cluster_best: list[int] = []
-    if soft_clusters.shape[0]:
-        iou = pairwise_iou(binarize_clusters(soft_clusters, binarize), masks)  # [k, N]
-        cluster_best = torch.argmax(iou, dim=1).tolist()
+    cluster_best = torch.argmax(cluster_iou, dim=1).tolist() if cluster_iou.shape[0] else []
     pool = [top1, *cluster_best]
     if keep_last_cluster:
         return Selection(top1, cluster_best, pool)
-    return Selection(top1, cluster_best, pool[:min(top_k, masks.shape[0], len(pool))])
+    return Selection(top1, cluster_best, pool[:min(top_k, n, len(pool))])
 
 
 def select_top_k(scores: torch.Tensor, top_k: int = 3) -> Selection:

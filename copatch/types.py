@@ -40,6 +40,10 @@ class ImageSample:
         instance_masks: `[A, H, W] bool` every annotated instance of the image (for the
             ground-truth oracle proposer), or None.
         file_name: where the image came from, for error messages and outputs.
+        error: why the image could not be loaded (missing, unreadable, not the annotated size), or
+            None. A DataModule that cannot load an image still returns its sample, with a black
+            `image` of the annotated size and the ground truth, so that the run goes on and the
+            module records the image's expressions as failures (IoU 0) instead of crashing.
     """
 
     image_id: int | str
@@ -48,6 +52,7 @@ class ImageSample:
     targets: torch.Tensor | None = None
     instance_masks: torch.Tensor | None = None
     file_name: str = ""
+    error: str | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -71,6 +76,11 @@ class Prediction:
         iou: IoU with the ground truth, or None when it is unknown.
         oracle_iou: best IoU with the ground truth over `[g, b_1, ..., b_k]`, or None.
         extras: anything a stage wants to expose (parse, thresholds), JSON-serialisable.
+        inter, union: pixel counts `|P & G|`, `|P | G|` with the ground truth, or None when it is
+            unknown; the metrics are recomputed exactly from these (`copatch evaluate`).
+        oracle_inter, oracle_union: the same counts for the top-k oracle's best candidate.
+        failure: `{"kind", "file", "error"}` when the expression could not be evaluated (a missing
+            or unreadable image or proposals file, or no proposals); it then counts as IoU 0.
     """
 
     expression_id: int | str
@@ -84,3 +94,8 @@ class Prediction:
     iou: float | None = None
     oracle_iou: float | None = None
     extras: dict = field(default_factory=dict)
+    inter: int | None = None
+    union: int | None = None
+    oracle_inter: int | None = None
+    oracle_union: int | None = None
+    failure: dict | None = None

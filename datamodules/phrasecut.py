@@ -45,7 +45,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
-from copatch.datamodules.refer import collate_samples, load_image
+from copatch.datamodules.refer import BadImage, check_on_bad_image, collate_samples, load_image, load_image_or_error
 from copatch.types import Expression, ImageSample
 
 log = logging.getLogger("copatch")
@@ -189,6 +189,10 @@ class PhraseCutDataset(Dataset):
         split: `train`, `val`, `test`, `miniv` or `val_miniv`.
         image_root: the `<image_id>.jpg` images (default `<root>/data/VGPhraseCut_v0/images`).
         limit: keep only the first `limit` images (quick runs).
+        on_bad_image: what a missing or unreadable image (or one not of the annotated size) does:
+            `raise` the error naming the file, or `record` it in the sample (`ImageSample.error`, with a
+            black image and the ground truth) so that a run goes on and counts its expressions as
+            failures with IoU 0 (see `copatch.failures`). DataModules use `record`.
     """
 
     def __init__(
@@ -197,8 +201,10 @@ class PhraseCutDataset(Dataset):
         split: str = "test",
         image_root: str | Path | None = None,
         limit: int | None = None,
+        on_bad_image: BadImage = "raise",
     ) -> None:
         refer_files, info_file, images = check_phrasecut_files(root, split, image_root)
+        self.on_bad_image = check_on_bad_image(on_bad_image)
         splits = set(split.split("_"))
         info = {im["image_id"]: im for im in _read_json(info_file)}
 
@@ -260,7 +266,10 @@ class PhraseCutDataset(Dataset):
 
     def __getitem__(self, index: int) -> ImageSample:
         entry = self.entries[index]
-        image = load_phrasecut_image(entry.path, entry.height, entry.width)
+        if self.on_bad_image == "raise":
+            image, error = load_phrasecut_image(entry.path, entry.height, entry.width), None
+        else:
+            image, error = load_image_or_error(entry.path, entry.height, entry.width, load_phrasecut_image)
         cache: dict[tuple[bytes, ...], np.ndarray] = {}  # distinct instances, in order of first appearance
         targets = np.zeros((len(entry.expressions), entry.height, entry.width), dtype=bool)
         for target, instances in zip(targets, entry.task_instances):
@@ -278,6 +287,7 @@ class PhraseCutDataset(Dataset):
             targets=torch.from_numpy(targets),
             instance_masks=torch.from_numpy(instance_masks),
             file_name=str(entry.path),
+            error=error,
         )
 
 
@@ -285,6 +295,7 @@ class PhraseCutDataModule(L.LightningDataModule):
     """Predict-only DataModule over one PhraseCut split; batches are `list[ImageSample]`.
 
     Args: as `PhraseCutDataset`, plus `batch_size` (images per batch) and `num_workers`.
+    A bad image does not stop a run: the dataset records it (`on_bad_image="record"`).
     """
 
     def __init__(
@@ -308,7 +319,7 @@ class PhraseCutDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:  # Lightning may call setup more than once
-            self.dataset = PhraseCutDataset(self.root, self.split, self.image_root, self.limit)
+            self.dataset = PhraseCutDataset(self.root, self.split, self.image_root, self.limit, on_bad_image="record")
 
     def predict_dataloader(self) -> DataLoader:
         # No sampler here: under DDP Lightning injects its UnrepeatedDistributedSampler for predict.

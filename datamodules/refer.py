@@ -19,7 +19,7 @@ import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import lightning as L
 import numpy as np
@@ -33,6 +33,7 @@ from copatch.types import Expression, ImageSample
 log = logging.getLogger("copatch")
 
 GtMaskRule = Literal["union", "sum_eq_1"]
+BadImage = Literal["raise", "record"]
 
 # Splits of the REFER API per (dataset, split_by); other combinations take the splits in the file.
 VALID_SPLITS: dict[tuple[str, str], tuple[str, ...]] = {
@@ -156,6 +157,28 @@ def load_image(path: Path, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
 
 
+ImageLoader = Callable[[Path, int, int], torch.Tensor]
+
+
+def load_image_or_error(path: Path, height: int, width: int,
+                        loader: ImageLoader = load_image) -> tuple[torch.Tensor, str | None]:
+    """`(loader(path, height, width), None)`, or, when the image is missing, unreadable or not of the
+    annotated size, `(black [3, H, W] uint8 image, the error message)`: one bad file must not stop a
+    run (the module records the image's expressions as failures, counted as IoU 0; see
+    `copatch.failures`)."""
+    try:
+        return loader(path, height, width), None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return torch.zeros(3, height, width, dtype=torch.uint8), str(err)
+
+
+def check_on_bad_image(value: str) -> str:
+    """`value` if it is a valid `on_bad_image` setting, else a `ValueError` listing them."""
+    if value not in ("raise", "record"):
+        raise ValueError(f"on_bad_image must be 'raise' or 'record', got {value!r}")
+    return value
+
+
 @dataclass
 class _ImageEntry:
     image_id: int
@@ -182,6 +205,10 @@ class ReferDataset(Dataset):
         image_root: the COCO train2014 images (default `<root>/images/mscoco/images/train2014`).
         gt_mask_rule: `union` of the polygons, or the reference code's `sum_eq_1` (overlaps dropped).
         limit: keep only the first `limit` images (quick runs).
+        on_bad_image: what a missing or unreadable image (or one not of the annotated size) does:
+            `raise` the error naming the file, or `record` it in the sample (`ImageSample.error`, with a
+            black image and the ground truth) so that a run goes on and counts its expressions as
+            failures with IoU 0 (see `copatch.failures`). DataModules use `record`.
     """
 
     def __init__(
@@ -193,12 +220,14 @@ class ReferDataset(Dataset):
         image_root: str | Path | None = None,
         gt_mask_rule: GtMaskRule = "union",
         limit: int | None = None,
+        on_bad_image: BadImage = "raise",
     ) -> None:
         if gt_mask_rule not in ("union", "sum_eq_1"):
             raise ValueError(f"gt_mask_rule must be 'union' or 'sum_eq_1', got {gt_mask_rule!r}")
         check_split(dataset, split_by, split)  # fail before reading anything
         refs_file, instances_file, images = check_refer_files(root, dataset, split_by, image_root)
         self.gt_mask_rule = gt_mask_rule
+        self.on_bad_image = check_on_bad_image(on_bad_image)
         with open(refs_file, "rb") as f:
             all_refs: list[dict] = pickle.load(f)
         refs = sorted(select_refs(all_refs, split), key=lambda r: r["ref_id"])
@@ -272,7 +301,10 @@ class ReferDataset(Dataset):
 
     def __getitem__(self, index: int) -> ImageSample:
         entry = self.entries[index]
-        image = load_image(entry.path, entry.height, entry.width)
+        if self.on_bad_image == "raise":
+            image, error = load_image(entry.path, entry.height, entry.width), None
+        else:
+            image, error = load_image_or_error(entry.path, entry.height, entry.width)
         cache = {a: self._mask(a, entry) for a in entry.ann_ids}
         targets = torch.stack([cache[a] for a in entry.target_ann_ids])  # [E, H, W]
         instances = torch.stack([cache[a] for a in entry.ann_ids])  # [A, H, W]
@@ -285,6 +317,7 @@ class ReferDataset(Dataset):
             targets=targets,
             instance_masks=instances,
             file_name=str(entry.path),
+            error=error,
         )
 
 
@@ -297,6 +330,7 @@ class ReferDataModule(L.LightningDataModule):
     """Predict-only DataModule over one REFER split; batches are `list[ImageSample]`.
 
     Args: as `ReferDataset`, plus `batch_size` (images per batch) and `num_workers`.
+    A bad image does not stop a run: the dataset records it (`on_bad_image="record"`).
     """
 
     def __init__(
@@ -328,7 +362,7 @@ class ReferDataModule(L.LightningDataModule):
         if self.dataset is None:  # Lightning may call setup more than once
             self.dataset = ReferDataset(
                 self.root, self.dataset_name, self.split_by, self.split, self.image_root,
-                self.gt_mask_rule, self.limit,  # type: ignore[arg-type]
+                self.gt_mask_rule, self.limit, "record",  # type: ignore[arg-type]
             )
 
     def predict_dataloader(self) -> DataLoader:

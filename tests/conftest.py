@@ -37,3 +37,44 @@ def toy_root(tmp_path_factory) -> Path:
 def tiny_config() -> str:
     """Path of the tiny open_clip JSON config."""
     return TINY_CONFIG
+
+
+# ---- runs of the `copatch predict` command (tests/test_ddp.py, tests/test_resume.py) ---------------
+
+def tiny_predict_config(data_root: Path, batch_size: int = 2) -> dict:
+    """A `copatch predict` config: the tiny random CLIP, the ground-truth proposer, the toy dataset
+    at `data_root` (val: 5 images, 25 expressions) and the PredictionWriter; CPU, one device."""
+    return {
+        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
+                    "enable_model_summary": False,
+                    "callbacks": [{"class_path": "copatch.callbacks.prediction_writer.PredictionWriter"}]},
+        "model": {"clip_config": TINY_CONFIG, "exit_layer": 1, "gem_depth": 3, "gem_size": 128,
+                  "proposer": {"class_path": "copatch.proposals.GroundTruthProposals"}},
+        "data": {"class_path": "copatch.datamodules.toy.ToyReferDataModule",
+                 "init_args": {"root": str(data_root), "split": "val", "batch_size": batch_size}},
+        "return_predictions": False,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_run_config(tmp_path_factory) -> Path:
+    """`tiny_predict_config` as a YAML file, its toy dataset already written (no rank writes it)."""
+    import yaml
+
+    from copatch.datamodules.toy import write_toy_refer
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    write_toy_refer(root / "data", num_images=8, seed=0, dataset="toy")
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny_predict_config(root / "data")))
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_run_config, tmp_path_factory) -> Path:
+    """The output dir of one uninterrupted single-process run of `tiny_run_config` (in this process)."""
+    from copatch.cli import build_cli
+
+    out = tmp_path_factory.mktemp("reference") / "run"
+    build_cli(["predict", "--config", str(tiny_run_config), "--trainer.default_root_dir", str(out)])
+    return out
