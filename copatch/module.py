@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 import logging
 import platform
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
+from copatch.api import as_proposals, make_sample
 from copatch.backbone import ClipBackbone
 from copatch.clip_model import resolve_checkpoint
 from copatch.comap import Clusters, cluster_patches, similarity_map, upsample_clusters
@@ -42,8 +44,10 @@ from copatch.proposals import GroundTruthProposals, MaskProposer, Proposals, Sto
 from copatch.gem import gem_heatmaps, gem_patch_features, gem_transform
 from copatch.run_state import (METRICS_FILE, atomic_write_text, file_fingerprint, id_key, jsonable,
                                object_fingerprint)
-from copatch.selection import Selection, pick_by_score, select_candidates, select_top_k
+from copatch.masks import pairwise_iou
+from copatch.selection import Selection, binarize_clusters, candidates_from_iou, pick_by_score, select_top_k
 from copatch.spatial import coherence_map, coherence_scores, final_pick, relation_scores
+from copatch.presets import preset
 from copatch.switches import Switches
 from copatch.text.features import ExpressionTexts, TextFeatureCache, encode_expressions
 from copatch.text.parsing import ExpressionParser, ParsedExpression, SpacyParser, StanzaParser
@@ -141,6 +145,47 @@ class CoPatch(pl.LightningModule):
         """The CLIP whose GEM heat maps give spatial coherence."""
         return self.gem_clip if self.gem_clip is not None else self.backbone
 
+    # ------------------------------------------------------------------ one-call use
+    @classmethod
+    def from_preset(cls, name: str, clip_checkpoint: str | None = None, proposer: MaskProposer | None = None,
+                    **overrides: Any) -> "CoPatch":
+        """Build CoPatch from a backbone preset (`vitb32`, `vitb16`, `vith14`, `demo`; see `copatch.presets`).
+
+        Args:
+            name: the preset.
+            clip_checkpoint: the CLIP weights file (default: the preset's path, e.g. weights/vitb16-openai.bin).
+            proposer: where candidate masks come from (None: pass `proposals=` to `segment`).
+            overrides: any other `CoPatch` argument (e.g. `switches=Switches.paper()`).
+        """
+        kwargs = preset(name)
+        if clip_checkpoint is not None:
+            kwargs["clip_pretrained"] = clip_checkpoint
+        kwargs.update(overrides)
+        return cls(proposer=proposer, **kwargs)
+
+    @torch.no_grad()
+    def segment(self, image: Any, expressions: str | Sequence[str], proposals: Any = None) -> list[Prediction]:
+        """Segment the objects the expressions refer to in one image, without a Trainer.
+
+        Args:
+            image: a PIL image, an `[H, W, 3]` uint8 array or a `[3, H, W]` tensor (uint8, or float in [0, 1]).
+            expressions: one expression or a list of them.
+            proposals: `[N, H, W]` bool candidate masks (tensor or array) or `Proposals`; None uses the
+                model's proposer.
+
+        Returns:
+            One `Prediction` per expression: `mask` `[H, W] bool`, `chosen`, `candidates` with their
+            `candidate_scores`, `clusters` (the CoMap on the patch grid) and `extras` (parse, SR/SC scores).
+        """
+        sample = make_sample(image, expressions)
+        if proposals is not None:
+            sample.proposals = as_proposals(proposals, sample.size)
+        elif isinstance(self.proposer, GroundTruthProposals):
+            raise ValueError("segment() needs candidate masks: pass proposals=[N, H, W] bool masks, or build the "
+                             "model with a proposer (e.g. Mask2FormerProposer or StoredProposals).")
+        sample.image = sample.image.to(self.device)
+        return self.predict_image(sample)
+
     # ------------------------------------------------------------------ stages (override to customise)
     @property
     def parser(self) -> ExpressionParser:
@@ -153,7 +198,9 @@ class CoPatch(pl.LightningModule):
         return self._parser
 
     def propose(self, sample: ImageSample) -> Proposals:
-        """Candidate masks `[N, H, W] bool` of one image."""
+        """Candidate masks `[N, H, W] bool` of one image: those the sample carries, else the proposer's."""
+        if sample.proposals is not None:
+            return sample.proposals
         return self.proposer(sample)
 
     def parse(self, sample: ImageSample) -> list[ParsedExpression]:
@@ -187,13 +234,23 @@ class CoPatch(pl.LightningModule):
         return cluster_patches(scores, self.backbone.grid, self.hparams.delta, method=s.clustering,
                                order_by=s.cluster_order, first_threshold=s.first_threshold)
 
-    def select(self, mask_scores: torch.Tensor, soft_clusters: torch.Tensor, masks: torch.Tensor) -> Selection:
-        """Candidates `[g, b_1, b_2]` of one expression (top-k by score without CoMap)."""
+    def cluster_overlaps(self, clusters: list[Clusters], masks: torch.Tensor) -> list[torch.Tensor]:
+        """IoU of each expression's first k clusters (upsampled, binarised) with every proposal.
+
+        One IoU matmul per image covers the clusters of all its expressions: `[k_e, N]` per expression.
+        """
+        grids = [c.masks(self.hparams.top_k).to(masks.device) for c in clusters]
+        soft = upsample_clusters(torch.cat(grids), tuple(masks.shape[-2:]))
+        iou = pairwise_iou(binarize_clusters(soft, self.switches.cluster_binarize), masks)
+        return list(iou.split([g.shape[0] for g in grids]))
+
+    def select(self, mask_scores: torch.Tensor, cluster_iou: torch.Tensor) -> Selection:
+        """Candidates `[g, b_1, b_2]` of one expression from its `[N]` proposal scores and the `[k, N]`
+        IoUs of its clusters with the proposals (top-k by score without CoMap)."""
         if not self.switches.use_comap:
             return select_top_k(mask_scores, self.hparams.top_k)
-        return select_candidates(mask_scores, soft_clusters, masks, top_k=self.hparams.top_k,
-                                 binarize=self.switches.cluster_binarize,
-                                 keep_last_cluster=self.switches.keep_last_cluster)
+        return candidates_from_iou(mask_scores, cluster_iou, top_k=self.hparams.top_k,
+                                   keep_last_cluster=self.switches.keep_last_cluster)
 
     def pick(self, selection: Selection, cues: "ExpressionCues") -> tuple[int, list[float]]:
         """The final pick among the candidates: spatial relation + coherence, or the best score."""
@@ -287,19 +344,20 @@ class CoPatch(pl.LightningModule):
         heat = None
         if feats.gem_patches is not None and texts.gem is not None:
             heat = gem_heatmaps(feats.gem_patches, texts.gem, self.hparams.gem_size)
+        clusters = [self.comap(patch_scores[i]) for i in range(len(parsed))]
+        overlaps = self.cluster_overlaps(clusters, masks) if self.switches.use_comap else \
+            [masks.new_zeros(0, masks.shape[0], dtype=torch.float32)] * len(parsed)
         preds = []
         for i, p in enumerate(parsed):
             cues = ExpressionCues(p, masks, feats.boxes, mask_scores[:, i], negative_scores[:, i],
                                   None if heat is None else heat[i])
-            preds.append(self._predict_expression(sample, i, cues, patch_scores[i]))
+            preds.append(self._predict_expression(sample, i, cues, clusters[i], overlaps[i]))
         return preds
 
-    def _predict_expression(self, sample: ImageSample, i: int, cues: "ExpressionCues",
-                            patch_scores: torch.Tensor) -> Prediction:
-        clusters = self.comap(patch_scores)
-        grid_masks = clusters.masks(self.hparams.top_k).to(cues.masks.device)
-        soft = upsample_clusters(grid_masks, sample.size)
-        selection = self.select(cues.mask_scores, soft, cues.masks)
+    def _predict_expression(self, sample: ImageSample, i: int, cues: "ExpressionCues", clusters: Clusters,
+                            cluster_iou: torch.Tensor) -> Prediction:
+        grid_masks = clusters.masks(self.hparams.top_k)
+        selection = self.select(cues.mask_scores, cluster_iou)
         chosen, cand_scores = self.pick(selection, cues)
         expr = sample.expressions[i]
         parsed = cues.parsed

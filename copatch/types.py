@@ -9,6 +9,7 @@ PhraseCut), never by batch position.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,6 +45,8 @@ class ImageSample:
             None. A DataModule that cannot load an image still returns its sample, with a black
             `image` of the annotated size and the ground truth, so that the run goes on and the
             module records the image's expressions as failures (IoU 0) instead of crashing.
+        proposals: candidate masks given with the image (`copatch.proposals.Proposals`); when set they
+            are used instead of the model's proposer (`CoPatch.segment(..., proposals=...)`).
     """
 
     image_id: int | str
@@ -53,6 +56,7 @@ class ImageSample:
     instance_masks: torch.Tensor | None = None
     file_name: str = ""
     error: str | None = None
+    proposals: Any = None
 
     @property
     def size(self) -> tuple[int, int]:

@@ -1,0 +1,33 @@
+"""Backbone presets: the paper's hyperparameters per CLIP backbone, for `CoPatch.from_preset`.
+
+`configs/model/<name>.yaml` hold the same values for the CLI (a test keeps them equal). `demo` is the
+tiny CLIP trained on the demo world and shipped in the package.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ViT-B/32 (OpenAI): l=10, delta=0.5, alpha=0.5; GEM on OpenAI ViT-B/16 as in the reference.
+    "vitb32": dict(clip_model="ViT-B-32-quickgelu", clip_pretrained="weights/vitb32-openai.bin", exit_layer=10,
+                   delta=0.5, alpha=0.5, top_k=3, gamma=0.5, gem_model="ViT-B-16-quickgelu",
+                   gem_pretrained="weights/vitb16-openai.bin"),
+    # ViT-B/16 (OpenAI): l=8, delta=0.3, alpha=0.7 (the released code); GEM reuses this CLIP.
+    "vitb16": dict(clip_model="ViT-B-16-quickgelu", clip_pretrained="weights/vitb16-openai.bin", exit_layer=8,
+                   delta=0.3, alpha=0.7, top_k=3, gamma=0.5, gem_depth=7, gem_size=448),
+    # ViT-H/14 (LAION-2B): l=22, delta=0.5, alpha=0.5.
+    "vith14": dict(clip_model="ViT-H-14", clip_pretrained="weights/vith14-laion2b.bin", exit_layer=22,
+                   delta=0.5, alpha=0.5, top_k=3, gamma=0.5, gem_model="ViT-B-16-quickgelu",
+                   gem_pretrained="weights/vitb16-openai.bin"),
+    # The demo CLIP (6 blocks at 64 px), shipped in the package; see configs/demo.yaml.
+    "demo": dict(clip_model="copatch-demo", clip_pretrained="package:weights/copatch-demo.pt", exit_layer=3,
+                 delta=0.3, alpha=0.7, token_mask_blocks=2, gem_depth=4, gem_size=128),
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """A copy of the named preset's `CoPatch` arguments."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: use one of {sorted(PRESETS)}")
+    return dict(PRESETS[name])
