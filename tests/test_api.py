@@ -59,3 +59,9 @@ def test_image_inputs_are_checked():
     with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
         image_tensor(np.zeros((4, 4), dtype=np.uint8))
     assert image_tensor(torch.ones(3, 2, 2)).tolist()[0][0] == [255, 255]
+
+
+def test_top_level_exports():
+    import copatch
+
+    assert copatch.CoPatch is CoPatch and copatch.Switches().parser == "spacy"
