@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(status)
         return
     build_cli(argv)  # None: LightningCLI reads sys.argv itself
+    # Leaving a gloo process group to the interpreter's exit can abort the process ("terminate called
+    # without an active exception") after every result is written; close it explicitly.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
