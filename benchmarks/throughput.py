@@ -122,8 +122,8 @@ def run_reference(model: CoPatch, samples: list[ImageSample], args: argparse.Nam
             masks, feats = model.image_side(sample)  # proposals and image features, per object
             for expr in exprs:
                 one = dataclasses.replace(sample, expressions=[expr], targets=None)
-                for _ in range(4):  # the reference parses each sentence about eight times
-                    parsed = model.parse(one)
+                for _ in range(4):  # the reference parses each sentence about eight times, uncached
+                    parsed = model.parser.parser.parse([expr.text])
                 model.text_cache.clear()
                 model.gem_text_cache.clear()
                 texts = model.encode_text(parsed)

@@ -54,6 +54,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from dataclasses import dataclass
+
 from copatch.hooks import capture_block_outputs
 
 GEM_SIZE = 448
@@ -83,6 +85,25 @@ def gem_transform(image: torch.Tensor, size: int = GEM_SIZE,
     std_t = torch.tensor(std, dtype=pixels.dtype)[:, None, None]
     return (pixels - mean_t) / std_t
 
+
+
+@dataclass(frozen=True)
+class GemInput:
+    """`gem_transform` as a `copatch.prepare.PrepareStep`, so that it can run in DataLoader workers.
+
+    The key holds every setting (size, mean, std): an input prepared for another GEM CLIP is not used.
+    """
+
+    size: int = GEM_SIZE
+    mean: tuple[float, ...] = tuple(open_clip.OPENAI_DATASET_MEAN)
+    std: tuple[float, ...] = tuple(open_clip.OPENAI_DATASET_STD)
+
+    def key(self, size: tuple[int, int]) -> str:
+        return f"gem:{self.size}:{','.join(map(repr, self.mean))}:{','.join(map(repr, self.std))}"
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """`[3, H, W] uint8` -> `[3, size, size] float32`."""
+        return gem_transform(image, self.size, self.mean, self.std)
 
 def resize_positional_embedding(pos: torch.Tensor, new_grid: int) -> torch.Tensor:
     """`[1 + G*G, W]` -> `[1 + new_grid**2, W]`: the class position kept, the patch grid resampled.

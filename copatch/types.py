@@ -47,6 +47,9 @@ class ImageSample:
             module records the image's expressions as failures (IoU 0) instead of crashing.
         proposals: candidate masks given with the image (`copatch.proposals.Proposals`); when set they
             are used instead of the model's proposer (`CoPatch.segment(..., proposals=...)`).
+        prepared: model inputs derived from `image` alone, made ahead of time in the DataLoader's
+            workers (`copatch.prepare`), keyed by the step and its settings; a stage uses one only
+            when its own key is there, and computes the input itself otherwise.
     """
 
     image_id: int | str
@@ -57,6 +60,7 @@ class ImageSample:
     file_name: str = ""
     error: str | None = None
     proposals: Any = None
+    prepared: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def size(self) -> tuple[int, int]:

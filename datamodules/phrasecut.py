@@ -37,7 +37,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import numpy as np
@@ -45,7 +45,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
-from copatch.datamodules.refer import BadImage, check_on_bad_image, collate_samples, load_image, load_image_or_error
+from copatch.datamodules.refer import BadImage, check_on_bad_image, load_image, load_image_or_error, make_collate
 from copatch.types import Expression, ImageSample
 
 log = logging.getLogger("copatch")
@@ -313,6 +313,8 @@ class PhraseCutDataModule(L.LightningDataModule):
         self.root, self.split, self.image_root, self.limit = root, split, image_root, limit
         self.batch_size, self.num_workers = batch_size, num_workers
         self.dataset: PhraseCutDataset | None = None
+        # Per-image preprocessing for the collate function (in the workers); `CoPatch.setup` sets it.
+        self.sample_transform: Callable[[ImageSample], ImageSample] | None = None
 
     def prepare_data(self) -> None:
         check_phrasecut_files(self.root, self.split, self.image_root)
@@ -330,5 +332,5 @@ class PhraseCutDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=collate_samples,
+            collate_fn=make_collate(self.sample_transform),
         )

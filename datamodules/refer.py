@@ -13,6 +13,7 @@ dataset is light to send to DataLoader workers.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pickle
@@ -321,9 +322,20 @@ class ReferDataset(Dataset):
         )
 
 
-def collate_samples(batch: list[ImageSample]) -> list[ImageSample]:
-    """Keep the batch a list: images differ in size, the model works per image."""
-    return list(batch)
+def collate_samples(batch: list[ImageSample],
+                    prepare: Callable[[ImageSample], ImageSample] | None = None) -> list[ImageSample]:
+    """Keep the batch a list (images differ in size, the model works per image), after `prepare`.
+
+    The collate function runs in the DataLoader's workers, so `prepare` (the model's
+    `copatch.prepare.SamplePreparer`, set as the DataModule's `sample_transform`) does its CPU
+    resizes there, off the main process.
+    """
+    return [prepare(sample) for sample in batch] if prepare is not None else list(batch)
+
+
+def make_collate(prepare: Callable[[ImageSample], ImageSample] | None) -> Callable[[list[ImageSample]], list[ImageSample]]:
+    """A picklable collate function applying `prepare` (for worker processes)."""
+    return collate_samples if prepare is None else functools.partial(collate_samples, prepare=prepare)
 
 
 class ReferDataModule(L.LightningDataModule):
@@ -354,6 +366,8 @@ class ReferDataModule(L.LightningDataModule):
         self.image_root, self.gt_mask_rule, self.limit = image_root, gt_mask_rule, limit
         self.batch_size, self.num_workers = batch_size, num_workers
         self.dataset: ReferDataset | None = None
+        # Per-image preprocessing for the collate function (in the workers); `CoPatch.setup` sets it.
+        self.sample_transform: Callable[[ImageSample], ImageSample] | None = None
 
     def prepare_data(self) -> None:
         check_refer_files(self.root, self.dataset_name, self.split_by, self.image_root)
@@ -374,5 +388,5 @@ class ReferDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=collate_samples,
+            collate_fn=make_collate(self.sample_transform),
         )

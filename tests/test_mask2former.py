@@ -180,7 +180,9 @@ def test_batch_of_two_sizes_gives_all_queries_at_original_size(
     assert ((coverage > 0) & (coverage < 1)).any()
 
 
-def test_masks_equal_independent_postprocessing(proposer: Mask2FormerProposer) -> None:
+def test_masks_equal_independent_postprocessing() -> None:
+    # batching="largest": both images in one forward, padded to the larger (detectron2's batching).
+    proposer = _make(0, batching="largest")
     images = _images()
     out = proposer.propose_batch(images)
     pixels, sizes = proposer.preprocess(images)
@@ -202,6 +204,66 @@ def test_masks_equal_independent_postprocessing(proposer: Mask2FormerProposer) -
         assert torch.equal(out[b].masks, expected)
         scores = raw.class_queries_logits[b].softmax(-1)[:, :-1].max(-1).values
         torch.testing.assert_close(out[b].scores, scores)
+
+
+def _forward_batches(proposer: Mask2FormerProposer) -> tuple[list, object]:
+    """Record the batch shape of each model forward."""
+    shapes: list[tuple[int, ...]] = []
+    handle = proposer.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: shapes.append(tuple(kwargs["pixel_values"].shape)), with_kwargs=True)
+    return shapes, handle
+
+
+def test_same_size_batching_equals_one_image_at_a_time(proposer: Mask2FormerProposer) -> None:
+    a, b = _images()
+    a2 = a.flip(-1).contiguous()  # same size as a, other content
+    images = [a, b, a2]
+    singles = [proposer.propose_batch([image])[0] for image in images]
+    shapes, handle = _forward_batches(proposer)
+    try:
+        batched = proposer.propose_batch(images)
+    finally:
+        handle.remove()
+    # The two images of one padded size go through together, the third alone; nothing is padded
+    # beyond what an image gets alone.
+    assert sorted(s[0] for s in shapes) == [1, 2]
+    assert {s[-2:] for s in shapes} == {proposer.padded_size(a.shape[-2:]), proposer.padded_size(b.shape[-2:])}
+    for one, many in zip(singles, batched):
+        assert torch.equal(one.masks, many.masks)
+        torch.testing.assert_close(one.scores, many.scores)
+
+
+def test_largest_batching_is_one_forward() -> None:
+    proposer = _make(0, batching="largest")
+    shapes, handle = _forward_batches(proposer)
+    try:
+        out = proposer.propose_batch(_images())
+    finally:
+        handle.remove()
+    assert len(shapes) == 1 and shapes[0][0] == 2
+    assert [tuple(p.masks.shape[-2:]) for p in out] == SIZES
+    with pytest.raises(ValueError, match="batching must be"):
+        _make(0, batching="padded")
+
+
+def test_resize_prepared_in_a_worker_is_used(proposer: Mask2FormerProposer) -> None:
+    image = _images()[0]
+    step = proposer.input_step()
+    key = step.key(tuple(image.shape[-2:]))
+    assert torch.equal(step(image), proposer.preprocess([image])[0][0, :, :64, :85].mul(
+        proposer.pixel_std).add(proposer.pixel_mean).round().to(torch.uint8))
+    own = proposer.propose_batch([image])[0]
+    # A prepared resize is taken as is: a different (flipped) one gives the flipped image's masks.
+    other = image.flip(-1).contiguous()
+    flipped = proposer.propose_batch([other])[0]
+    used = proposer.propose_batch([image], prepared=[{key: step(other)}])[0]
+    assert torch.equal(used.masks, flipped.masks) and not torch.equal(used.masks, own.masks)
+    # One prepared for another size is ignored.
+    stale = proposer.propose_batch([image], prepared=[{"mask2former:1x1": step(other)}])[0]
+    assert torch.equal(stale.masks, own.masks)
+    sample = _sample(image, 5)
+    sample.prepared[key] = step(image)
+    assert torch.equal(proposer(sample).masks, own.masks)
 
 
 def test_single_call_is_a_batch_of_one(proposer: Mask2FormerProposer) -> None:

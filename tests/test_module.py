@@ -141,3 +141,60 @@ def test_image_work_and_text_encoding_happen_once_per_image(tiny_config, toy_roo
 def test_the_model_is_frozen(tiny_config):
     model = _model(tiny_config)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+class BatchingProposer:
+    """Ground-truth instance masks, with a `propose_batch` that records each call's image ids."""
+
+    def __init__(self):
+        self.batches, self.singles = [], 0
+
+    def __call__(self, sample):
+        self.singles += 1
+        return Proposals(sample.instance_masks)
+
+    def propose_batch(self, images, image_ids, prepared):
+        self.batches.append(list(image_ids))
+        assert len(prepared) == len(images)
+        return [Proposals(self.masks[i]) for i in image_ids]
+
+
+def test_a_batching_proposer_runs_once_per_batch(tiny_config, toy_root, tmp_path):
+    dataset = ReferDataset(str(toy_root), split="val", limit=4)
+    proposer = BatchingProposer()
+    proposer.masks = {dataset[i].image_id: dataset[i].instance_masks for i in range(len(dataset))}
+    model = _model(tiny_config, proposer=proposer)
+    dm = ReferDataModule(str(toy_root), split="val", batch_size=3, limit=4)
+    batched = [p for b in _trainer(tmp_path).predict(model, datamodule=dm) for p in b]
+    ids = [dataset[i].image_id for i in range(4)]
+    assert proposer.batches == [ids[:3], ids[3:]] and proposer.singles == 0
+    # The same proposals one image at a time (the ground-truth proposer) give the same picks.
+    reference = _model(tiny_config)
+    single = [p for b in _trainer(tmp_path).predict(reference, datamodule=dm) for p in b]
+    assert [p.chosen for p in batched] == [p.chosen for p in single]
+
+    class OwnPropose(CoPatch):  # a subclass that overrides `propose` keeps it, per image
+        def propose(self, sample):
+            return super().propose(sample)
+
+    proposer.batches = []
+    torch.manual_seed(0)
+    own = OwnPropose(clip_config=tiny_config, exit_layer=1, gem_depth=3, gem_size=128, proposer=proposer)
+    _trainer(tmp_path).predict(own, datamodule=dm)
+    assert proposer.batches == [] and proposer.singles == 4
+
+
+def test_parses_are_cached_across_runs(tiny_config, toy_root, tmp_path):
+    cache = tmp_path / "parses"
+    dm = ReferDataModule(str(toy_root), split="val", batch_size=2, limit=2)
+    first = _model(tiny_config, parse_cache_dir=str(cache))
+    preds = [p for b in _trainer(tmp_path).predict(first, datamodule=dm) for p in b]
+    assert first.parser.misses == len({p.text for p in preds})  # each distinct string parsed once
+    assert list(cache.glob("*.jsonl"))
+    again = _model(tiny_config, parse_cache_dir=str(cache))
+    again_preds = [p for b in _trainer(tmp_path).predict(again, datamodule=dm) for p in b]
+    assert again.parser.misses == 0 and again.parser.hits == len(preds)
+    assert [p.chosen for p in again_preds] == [p.chosen for p in preds]
+    assert [p.extras["noun_phrase"] for p in again_preds] == [p.extras["noun_phrase"] for p in preds]
+    # The cache folder does not change what the run computes, so it is not part of its fingerprint.
+    assert again.fingerprint()["hparams"] == _model(tiny_config).fingerprint()["hparams"]

@@ -1,0 +1,108 @@
+"""Image-only preprocessing in DataLoader workers (`copatch.prepare`): same inputs, same predictions."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from copatch.datamodules.refer import ReferDataModule, ReferDataset, collate_samples
+from copatch.gem import GemInput
+from copatch.mask2former import Mask2FormerInput
+from copatch.module import CoPatch
+from copatch.prepare import SamplePreparer, prepared_input
+from copatch.types import Expression, ImageSample
+
+
+def _sample(h=30, w=50, error=None) -> ImageSample:
+    image = torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    return ImageSample(7, image, [Expression(1, "the dog")], error=error)
+
+
+def test_steps_compute_the_pil_resizes_and_name_their_settings():
+    sample = _sample()
+    gem, m2f = GemInput(64, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)), Mask2FormerInput(40, 100)
+    SamplePreparer((gem, m2f))(sample)
+    assert set(sample.prepared) == {gem.key((30, 50)), "mask2former:40x67"}
+    # Independent: PIL on the HWC array.
+    pil = Image.fromarray(sample.image.permute(1, 2, 0).numpy())
+    expected_gem = np.asarray(pil.resize((64, 64), Image.BICUBIC)).astype(np.float32) / 255
+    expected_gem = (expected_gem - [0.5, 0.4, 0.3]) / 0.2
+    torch.testing.assert_close(sample.prepared[gem.key((30, 50))],
+                               torch.from_numpy(expected_gem.transpose(2, 0, 1)).float(), atol=1e-5, rtol=0)
+    expected_m2f = np.asarray(pil.resize((67, 40), Image.BILINEAR)).transpose(2, 0, 1)
+    assert torch.equal(sample.prepared["mask2former:40x67"], torch.from_numpy(expected_m2f.copy()))
+    # Other settings give other keys, so a stale preparation is never taken for the current one.
+    assert GemInput(64, (0.5, 0.4, 0.3), (0.2, 0.2, 0.25)).key((30, 50)) != gem.key((30, 50))
+    assert Mask2FormerInput(40, 60).key((30, 50)) != m2f.key((30, 50))
+
+
+def test_prepared_input_takes_a_prepared_tensor_else_computes():
+    sample, step = _sample(), GemInput(32)
+    sentinel = torch.full((3, 32, 32), 9.0)
+    assert torch.equal(prepared_input(sample, step), step(sample.image))
+    sample.prepared[step.key(sample.size)] = sentinel
+    assert prepared_input(sample, step) is sentinel
+
+
+def test_a_sample_without_its_image_is_left_alone_and_the_preparer_pickles():
+    preparer = SamplePreparer((GemInput(32), Mask2FormerInput(40, 100)))
+    bad = preparer(_sample(error="missing file"))
+    assert bad.prepared == {}
+    again = pickle.loads(pickle.dumps(preparer))
+    assert again == preparer and bool(again) and not SamplePreparer()
+
+
+def _model(tiny_config, **kw):
+    torch.manual_seed(0)
+    return CoPatch(clip_config=tiny_config, exit_layer=1, gem_depth=3, gem_size=128, **kw)
+
+
+class Spy(CoPatch):
+    """Records the prepared keys each image arrives with."""
+
+    seen: list
+
+    def encode_image(self, sample, masks):
+        self.seen.append(sorted(sample.prepared))
+        return super().encode_image(sample, masks)
+
+
+def _trainer(tmp_path):
+    return Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_datamodule_workers_prepare_and_predictions_do_not_change(tiny_config, toy_root, tmp_path, workers):
+    model = Spy(clip_config=tiny_config, exit_layer=1, gem_depth=3, gem_size=128)
+    model.seen = []
+    dm = ReferDataModule(str(toy_root), split="val", batch_size=2, limit=3, num_workers=workers)
+    prepared = [p for b in _trainer(tmp_path).predict(model, datamodule=dm) for p in b]
+    gem_key = model.gem_input().key((0, 0))
+    assert isinstance(dm.sample_transform, SamplePreparer)
+    assert model.seen and all(keys == [gem_key] for keys in model.seen)  # made in the collate function
+
+    # The same images through a plain DataLoader (nothing prepared): the module resizes itself.
+    model.seen = []
+    dataset = ReferDataset(str(toy_root), split="val", limit=3)
+    plain = DataLoader(dataset, batch_size=2, collate_fn=collate_samples)
+    unprepared = [p for b in _trainer(tmp_path).predict(model, dataloaders=plain) for p in b]
+    assert model.seen and all(keys == [] for keys in model.seen)
+    assert [p.expression_id for p in prepared] == [p.expression_id for p in unprepared]
+    assert [p.chosen for p in prepared] == [p.chosen for p in unprepared]
+    assert [p.candidate_scores for p in prepared] == [p.candidate_scores for p in unprepared]
+
+
+def test_setup_keeps_a_users_own_transform(tiny_config, toy_root, tmp_path):
+    def mine(sample):
+        return sample
+
+    model = _model(tiny_config)
+    dm = ReferDataModule(str(toy_root), split="val", batch_size=2, limit=1)
+    dm.sample_transform = mine
+    _trainer(tmp_path).predict(model, datamodule=dm)
+    assert dm.sample_transform is mine
