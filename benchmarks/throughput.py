@@ -4,18 +4,29 @@ Both paths run the same stages of the same `CoPatch` module on the same inputs, 
 same masks (checked, in fp32); what differs is the work they repeat:
 
 - `--mode reference` (the authors' loop): one referred object at a time, batch 1, fp32. For every
-  object it reloads the proposals and recomputes every image feature; for every sentence it parses
-  the sentence four times (the reference calls spaCy about eight times per sentence; our parser does
-  two passes per call), encodes its texts unbatched and uncached, and reruns GEM.
+  object it reloads (or recomputes) the proposals, recomputes every image feature and takes the boxes
+  in a Python loop with `.item()` syncs; for every sentence it parses the sentence four times (the
+  reference calls spaCy about eight times per sentence; our parser does two passes per call),
+  encodes its texts unbatched and uncached, reruns GEM, and loops over the proposals at full
+  resolution for the cluster IoUs (k x N) and the spatial coherence (N), one `.item()` per number.
 - `--mode copatch`: `Trainer.predict` over images: image features once per image, one batched text
   call per image with a string cache, one parse per expression, GEM image features once per image.
 
-Synthetic inputs: images of `--size` with coloured blobs, `--expressions` per image grouped into
-objects of about 2.8 sentences (RefCOCO: 2.5 objects and 7 sentences per image), and `--proposals`
-Mask2Former-like masks per image (blobs, near-duplicates and empty masks), stored on disk.
+Synthetic inputs: random images of `--size`, `--expressions` per image grouped into objects of
+about 2.8 sentences (RefCOCO: 2.5 objects and 7 sentences per image). Proposals (`--proposer`):
+`stored`, `--proposals` Mask2Former-like masks per image (blobs, near-duplicates and empty masks) in
+a `StoredProposals` folder; or `mask2former`, a random-weight Mask2Former run on the fly (`--m2f
+swin-large`: the reference's Swin-L, 200 queries, 800 x 1333 input; `--m2f tiny` for CPU smoke runs).
+Random weights: speed does not depend on the weights' values.
 
-    python benchmarks/throughput.py --device cpu --model copatch-tiny --images 4 --proposals 40
-    python benchmarks/throughput.py --device cuda --model ViT-B-16-quickgelu --images 50
+    python benchmarks/throughput.py --device cpu --model copatch-tiny --images 4
+    python benchmarks/throughput.py --device cuda --model ViT-B-16-quickgelu --images 50 --bf16
+    python benchmarks/throughput.py --device cuda --model ViT-B-16-quickgelu --images 50 --bf16 \
+        --proposer mask2former --m2f swin-large
+
+Each mode's peak memory is its own: GPU `max_memory_allocated` (reset before each mode) or the peak
+CPU RSS sampled during the mode. `--profile` prints the torch profiler's top operators of the
+copatch mode.
 
 Speed is measured here, never in unit tests; the CPU smoke run in the test suite only checks that both
 paths run and agree.
@@ -26,10 +37,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import resource
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -37,9 +50,9 @@ import torch  # noqa: E402
 from lightning.pytorch import LightningDataModule, Trainer  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from copatch.datamodules.refer import make_collate  # noqa: E402
 from copatch.module import CoPatch  # noqa: E402
 from copatch.proposals import Proposals, StoredProposals  # noqa: E402
-from copatch.text.features import TextFeatureCache  # noqa: E402
 from copatch.types import Expression, ImageSample  # noqa: E402
 
 COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
@@ -50,7 +63,7 @@ TAILS = ["", " on the left", " on the right", " behind the car", " next to the w
 
 def synthetic_samples(num_images: int, expressions: int, proposals: int, size: tuple[int, int],
                       store: StoredProposals, seed: int = 0) -> list[ImageSample]:
-    """Images with blobs, their expressions (grouped by `ref_id`) and stored proposals."""
+    """Random images, their expressions (grouped by `ref_id`) and stored blob proposals (also the targets)."""
     g = torch.Generator().manual_seed(seed)
     h, w = size
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
@@ -81,38 +94,137 @@ def synthetic_samples(num_images: int, expressions: int, proposals: int, size: t
     return samples
 
 
+def mask2former_config(name: str):
+    """A `transformers.Mask2FormerConfig`: the reference's Swin-L COCO-panoptic shape, or a tiny one."""
+    from transformers import Mask2FormerConfig, SwinConfig
+
+    stages = ["stage1", "stage2", "stage3", "stage4"]
+    if name == "swin-large":  # facebook/mask2former-swin-large-coco-panoptic: Swin-L 384, 200 queries, 133 classes
+        swin = SwinConfig(image_size=384, embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48],
+                          window_size=12, drop_path_rate=0.3, out_features=stages)
+        return Mask2FormerConfig(backbone_config=swin, num_queries=200, num_labels=133)
+    swin = SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2,
+                      out_features=stages, drop_path_rate=0.0)
+    return Mask2FormerConfig(backbone_config=swin, num_queries=20, hidden_dim=32, feature_size=32,
+                             mask_feature_size=32, encoder_feedforward_dim=16, dim_feedforward=16,
+                             encoder_layers=1, decoder_layers=2, num_attention_heads=2, num_labels=5)
+
+
 class ListDataModule(LightningDataModule):
+    """The samples as a predict DataModule; like the built-in ones it takes the model's `sample_transform`."""
+
     def __init__(self, samples: list[ImageSample], batch_size: int, num_workers: int) -> None:
         super().__init__()
         self.samples, self.batch_size, self.num_workers = samples, batch_size, num_workers
+        self.sample_transform = None
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.samples, batch_size=self.batch_size, num_workers=self.num_workers,
-                          collate_fn=list, shuffle=False)
+                          collate_fn=make_collate(self.sample_transform), shuffle=False)
+
+
+@contextmanager
+def peak_memory(device: str) -> Iterator[dict]:
+    """Peak memory of the enclosed work: GPU `max_memory_allocated`, or the CPU RSS sampled every 5 ms."""
+    out: dict = {}
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        yield out
+        torch.cuda.synchronize()
+        out["peak"] = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    peak, done = [rss()], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], rss())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        done.set()
+        thread.join()
+        out["peak"] = f"{max(peak[0], rss()) / 2**30:.2f} GiB RSS"
+
+
+def _clear_caches(model: CoPatch) -> None:
+    """Every mode starts cold: no cached text embeddings, no cached parses."""
+    model.text_cache.clear()
+    model.gem_text_cache.clear()
+    model._parser = model.parser.parser  # a fresh (empty) parse cache around the same loaded parser
 
 
 def run_copatch(model: CoPatch, samples: list[ImageSample], args: argparse.Namespace, precision: str) -> dict:
     trainer = Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=precision,
                       logger=False, enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=tempfile.mkdtemp())
-    model.text_cache.clear()
-    model.gem_text_cache.clear()
+    _clear_caches(model)
     dm = ListDataModule(samples, args.batch_size, args.workers)
-    start = time.perf_counter()
-    batches = trainer.predict(model, datamodule=dm)
-    _sync(args.device)
-    elapsed = time.perf_counter() - start
-    return {"seconds": elapsed, "picks": {p.expression_id: p.chosen for b in batches for p in b}}
+    with peak_memory(args.device) as memory:
+        start = time.perf_counter()
+        batches = trainer.predict(model, datamodule=dm)
+        _sync(args.device)
+        elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "picks": {p.expression_id: p.chosen for b in batches for p in b}, **memory}
 
 
 @torch.no_grad()
 def run_reference(model: CoPatch, samples: list[ImageSample], args: argparse.Namespace) -> dict:
     """The reference loop's structure, on the module's own stages (fp32, batch 1, nothing cached)."""
-    from copatch.gem import gem_patch_features, gem_transform
-
     model = model.to(args.device).eval()
+    _clear_caches(model)
     picks = {}
-    start = time.perf_counter()
+    with peak_memory(args.device) as memory:
+        start = time.perf_counter()
+        _reference_loop(model, samples, args, picks)
+        _sync(args.device)
+        elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "picks": picks, **memory}
+
+
+def _loop_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """The reference's `masks_to_boxes`: a Python loop over the masks, four `.item()` syncs each."""
+    boxes = []
+    for m in masks:
+        ys, xs = torch.where(m)
+        boxes.append([0, 0, 0, 0] if ys.numel() == 0 else
+                     [xs.min().item(), ys.min().item(), xs.max().item(), ys.max().item()])
+    return torch.tensor(boxes, dtype=torch.int64).reshape(-1, 4)
+
+
+def _loop_ious_and_sc(model: CoPatch, masks: torch.Tensor, clusters: torch.Tensor, heat: torch.Tensor | None,
+                      direction: str) -> None:
+    """The reference's per-sentence Python loops at full resolution, one `.item()` sync per number:
+    IoU of each CoMap cluster with each proposal, and the spatial coherence of every proposal."""
+    from copatch.comap import upsample_clusters
+    from copatch.selection import binarize_clusters
+    from copatch.spatial import coherence_map
+
+    size = tuple(masks.shape[-2:])
+    full = binarize_clusters(upsample_clusters(clusters.to(masks.device), size), model.switches.cluster_binarize)
+    for c in full:
+        for m in masks:
+            inter, union = (c & m).sum().item(), (c | m).sum().item()
+            _ = inter / union if union else 0.0
+    if heat is not None:
+        weights = coherence_map(heat, size, direction)
+        for m in masks:
+            area = m.sum().item()
+            _ = (weights * m).sum().item() / area if area else float("nan")
+
+
+def _reference_loop(model: CoPatch, samples: list[ImageSample], args: argparse.Namespace, picks: dict) -> None:
+    from copatch.gem import gem_heatmaps, gem_patch_features, gem_transform
+
     for sample in samples:
         sample = dataclasses.replace(sample, image=sample.image.to(args.device))
         objects: dict[int, list[Expression]] = {}
@@ -120,6 +232,8 @@ def run_reference(model: CoPatch, samples: list[ImageSample], args: argparse.Nam
             objects.setdefault(expr.ref_id, []).append(expr)
         for exprs in objects.values():
             masks, feats = model.image_side(sample)  # proposals and image features, per object
+            if feats is not None:  # the reference's box loop, per object (checked: same boxes)
+                assert torch.equal(_loop_boxes(masks).to(feats.boxes.device), feats.boxes)
             for expr in exprs:
                 one = dataclasses.replace(sample, expressions=[expr], targets=None)
                 for _ in range(4):  # the reference parses each sentence about eight times, uncached
@@ -133,9 +247,12 @@ def run_reference(model: CoPatch, samples: list[ImageSample], args: argparse.Nam
                     feats.gem_patches = gem_patch_features(gem.model, pixels[None].to(args.device),
                                                            model.hparams.gem_depth)[0]
                 (pred,) = model.expression_side(one, masks, feats, parsed, texts)
+                if feats is not None:
+                    heat = None
+                    if feats.gem_patches is not None and texts.gem is not None:
+                        heat = gem_heatmaps(feats.gem_patches, texts.gem.float(), model.hparams.gem_size)[0]
+                    _loop_ious_and_sc(model, masks, pred.clusters, heat, parsed[0].direction)
                 picks[expr.id] = pred.chosen
-    _sync(args.device)
-    return {"seconds": time.perf_counter() - start, "picks": picks}
 
 
 def _sync(device: str) -> None:
@@ -143,10 +260,33 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def peak_memory(device: str) -> str:
-    if device == "cuda":
-        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+class LabelledCoPatch(CoPatch):
+    """CoPatch with each stage labelled for the torch profiler (`--profile`); computes the same."""
+
+
+def _labelled(name: str):
+    def stage(self, *args, **kwargs):
+        with torch.profiler.record_function(f"copatch.{name}"):
+            return getattr(CoPatch, name)(self, *args, **kwargs)
+    return stage
+
+
+# `propose` stays unlabelled: overriding it would turn off the batched proposals (`propose_together`).
+for _name in ("propose_together", "image_side", "encode_image", "parse", "encode_text", "expression_side",
+              "comap", "cluster_overlaps", "select", "pick"):
+    setattr(LabelledCoPatch, _name, _labelled(_name))
+
+
+def build_model(args: argparse.Namespace, store: StoredProposals) -> CoPatch:
+    proposer = store
+    if args.proposer == "mask2former":
+        from copatch.mask2former import Mask2FormerProposer
+
+        torch.manual_seed(0)
+        proposer = Mask2FormerProposer.from_config(mask2former_config(args.m2f), min_size=args.m2f_min_size,
+                                                   max_size=args.m2f_max_size)
+    cls = LabelledCoPatch if args.profile else CoPatch
+    return cls(clip_model=args.model, proposer=proposer)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -155,33 +295,51 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="copatch-tiny", help="open_clip name (random weights)")
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--expressions", type=int, default=7, help="expressions per image")
-    parser.add_argument("--proposals", type=int, default=200, help="proposals per image")
+    parser.add_argument("--proposals", type=int, default=200, help="stored proposals per image")
+    parser.add_argument("--proposer", default="stored", choices=["stored", "mask2former"])
+    parser.add_argument("--m2f", default="swin-large", choices=["swin-large", "tiny"],
+                        help="random-weight Mask2Former for --proposer mask2former")
+    parser.add_argument("--m2f-min-size", type=int, default=800, help="Mask2Former test resize, short side")
+    parser.add_argument("--m2f-max-size", type=int, default=1333, help="Mask2Former test resize, long side cap")
     parser.add_argument("--size", default="480x640", help="HxW")
     parser.add_argument("--batch-size", type=int, default=4, help="images per predict batch")
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the copatch mode")
     parser.add_argument("--mode", default="both", choices=["both", "reference", "copatch"])
     parser.add_argument("--bf16", action="store_true", help="also time copatch with bf16 autocast (GPU)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile the copatch mode (fp32) and print its N most expensive operators and stages")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     h, w = (int(v) for v in args.size.split("x"))
     store = StoredProposals(tempfile.mkdtemp(prefix="copatch-bench-"))
     samples = synthetic_samples(args.images, args.expressions, args.proposals, (h, w), store)
-    model = CoPatch(clip_model=args.model, proposer=store)
+    model = build_model(args, store)
     n_expr = args.images * args.expressions
+    print(f"{args.images} images of {h}x{w}, {n_expr} expressions, {args.proposer} proposals "
+          f"({args.m2f if args.proposer == 'mask2former' else args.proposals}), {args.model}, {args.device}")
+    # Warm-up, untimed: loads spaCy, builds CUDA kernels and autotunes, for both modes alike.
+    run_copatch(model, samples[:1], args, "32-true")
     results = {}
     if args.mode in ("both", "copatch"):
         results["copatch"] = run_copatch(model, samples, args, "32-true")
         if args.bf16:
+            m2f = getattr(model.proposer, "forward_dtype", None)
+            if args.proposer == "mask2former":
+                model.proposer.forward_dtype = torch.bfloat16
+            run_copatch(model, samples[:1], args, "bf16-mixed")  # warm-up of the bf16 kernels
             results["copatch-bf16"] = run_copatch(model, samples, args, "bf16-mixed")
+            if args.proposer == "mask2former":
+                model.proposer.forward_dtype = m2f
     if args.mode in ("both", "reference"):
         results["reference"] = run_reference(model, samples, args)
     for name, r in results.items():
         print(f"{name:>13}: {n_expr / r['seconds']:8.2f} expressions/s  {args.images / r['seconds']:7.2f} images/s  "
-              f"({r['seconds']:.1f} s)")
-    print(f"peak memory: {peak_memory(args.device)}")
+              f"({r['seconds']:.1f} s)  peak memory {r['peak']}")
     if "reference" in results and "copatch" in results:
-        ratio = results["reference"]["seconds"] / results["copatch"]["seconds"]
-        print(f"speed-up of copatch over the reference loop: {ratio:.1f}x")
+        for name in ("copatch", "copatch-bf16"):
+            if name in results:
+                ratio = results["reference"]["seconds"] / results[name]["seconds"]
+                print(f"speed-up of {name} over the reference loop: {ratio:.1f}x")
         if results["reference"]["picks"] != results["copatch"]["picks"]:
             diff = [k for k, v in results["copatch"]["picks"].items() if results["reference"]["picks"][k] != v]
             sys.exit(f"the two paths picked different masks for {len(diff)} expressions, e.g. {diff[:5]}")
@@ -189,7 +347,27 @@ def main(argv: list[str] | None = None) -> dict:
     if "copatch-bf16" in results:
         same = sum(results["copatch-bf16"]["picks"][k] == v for k, v in results["copatch"]["picks"].items())
         print(f"bf16 autocast kept the fp32 pick for {same}/{n_expr} expressions")
+    if args.profile:
+        results["profile"] = profile(model, samples, args)
     return results
+
+
+def profile(model: CoPatch, samples: list[ImageSample], args: argparse.Namespace) -> str:
+    """The torch profiler's view of one fp32 copatch run: the labelled stages and the top operators."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        run_copatch(model, samples, args, "32-true")
+    key = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
+    events = prof.key_averages()
+    stages = [e for e in events if e.key.startswith("copatch.")]
+    lines = [f"{'stage':<28} {'calls':>6} {'total ms':>10}"]
+    for e in sorted(stages, key=lambda e: -e.cpu_time_total):
+        lines.append(f"{e.key:<28} {e.count:>6} {e.cpu_time_total / 1e3:>10.1f}")
+    table = "\n".join(lines) + "\n" + events.table(sort_by=f"self_{key}", row_limit=args.profile)
+    print(table)
+    return table
 
 
 if __name__ == "__main__":

@@ -101,9 +101,9 @@ class GemInput:
     def key(self, size: tuple[int, int]) -> str:
         return f"gem:{self.size}:{','.join(map(repr, self.mean))}:{','.join(map(repr, self.std))}"
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        """`[3, H, W] uint8` -> `[3, size, size] float32`."""
-        return gem_transform(image, self.size, self.mean, self.std)
+    def __call__(self, sample) -> torch.Tensor:
+        """The sample's `image` `[3, H, W] uint8` -> `[3, size, size] float32`."""
+        return gem_transform(sample.image, self.size, self.mean, self.std)
 
 def resize_positional_embedding(pos: torch.Tensor, new_grid: int) -> torch.Tensor:
     """`[1 + G*G, W]` -> `[1 + new_grid**2, W]`: the class position kept, the patch grid resampled.

@@ -170,8 +170,9 @@ class Mask2FormerInput:
         h, w = resize_shortest_edge_size(*size, self.min_size, self.max_size)
         return f"mask2former:{h}x{w}"
 
-    def __call__(self, image: Tensor) -> Tensor:
-        """`[3, H, W] uint8` -> `[3, h, w] uint8` on the CPU."""
+    def __call__(self, sample: ImageSample) -> Tensor:
+        """The sample's `image` `[3, H, W] uint8` -> `[3, h, w] uint8` on the CPU."""
+        image = sample.image
         return resize_uint8(image, resize_shortest_edge_size(*image.shape[-2:], self.min_size, self.max_size))
 
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

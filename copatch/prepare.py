@@ -1,16 +1,19 @@
 """Per-image CPU preprocessing, moved into the DataLoader's workers.
 
-Two model inputs are resized on the CPU with PIL, because only PIL gives the reference's pixels: GEM's
-`448 x 448` bicubic input (`copatch.gem.gem_transform`) and Mask2Former's detectron2 resize to a short
-side of 800 (`copatch.mask2former.resize_uint8`). In the main process that is serial CPU work between
-GPU calls (and, once Lightning has moved the image to the GPU, a copy back). Done in the workers, while
-the GPU works on the previous batch, it costs the main process nothing.
+Three per-image inputs cost CPU time: GEM's `448 x 448` bicubic input (`copatch.gem.gem_transform`)
+and Mask2Former's detectron2 resize to a short side of 800 (`copatch.mask2former.resize_uint8`), both
+through PIL because only PIL gives the reference's pixels, and stored proposals (`StoredProposals`:
+JSON + RLE decoding of ~200 masks, ~60 ms an image). In the main process that is serial CPU work
+between GPU calls (and, once Lightning has moved the image to the GPU, a copy back). Done in the
+workers, while the GPU works on the previous batch, it costs the main process nothing.
 
-A `PrepareStep` turns an image into one such input and names it with a key that holds its settings
-(and, where the output size depends on it, the image size). `SamplePreparer` runs its steps on every
+A `PrepareStep` turns a sample into one such input and names it with a key that holds its settings
+(and, where the output depends on it, the image size). `SamplePreparer` runs its steps on every
 sample of a batch and stores the results in `ImageSample.prepared`; a stage looks its own key up with
 `prepared_input` and computes the input itself when the key is not there. A missing, stale or
-foreign preparation can therefore cost time, never change a result.
+foreign preparation can therefore cost time, never change a result. A step that fails on bad input
+(an unreadable proposals file: `OSError` / `ValueError`) leaves its key out, so that the main process
+meets the same error where it records it as that image's failure, instead of the worker ending the run.
 
 `CoPatch.setup` hands `CoPatch.sample_preparer()` to a DataModule that has a `sample_transform`
 attribute (the built-in ones); their collate function, which runs in the workers, applies it.
@@ -19,20 +22,18 @@ attribute (the built-in ones); their collate function, which runs in the workers
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
-
-import torch
+from typing import Any, Protocol, runtime_checkable
 
 from copatch.types import ImageSample
 
 
 @runtime_checkable
 class PrepareStep(Protocol):
-    """One image-only input: `key(size)` names it, calling it on `[3, H, W] uint8` computes it."""
+    """One image-only input: `key(size)` names it for an `(H, W)` image, calling it on a sample computes it."""
 
     def key(self, size: tuple[int, int]) -> str: ...
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, sample: ImageSample) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,17 @@ class SamplePreparer:
     def __call__(self, sample: ImageSample) -> ImageSample:
         if sample.error is None:
             for step in self.steps:
-                sample.prepared[step.key(sample.size)] = step(sample.image)
+                try:
+                    sample.prepared[step.key(sample.size)] = step(sample)
+                except (OSError, ValueError):
+                    pass  # the main process meets the error again, and records it for this image
         return sample
 
     def __bool__(self) -> bool:
         return bool(self.steps)
 
 
-def prepared_input(sample: ImageSample, step: PrepareStep) -> torch.Tensor:
+def prepared_input(sample: ImageSample, step: PrepareStep) -> Any:
     """`step`'s input for `sample`: the one prepared in a worker if its key is there, else computed now."""
     found = sample.prepared.get(step.key(sample.size))
-    return found if found is not None else step(sample.image)
+    return found if found is not None else step(sample)

@@ -100,7 +100,15 @@ class StoredProposals:
         return self.path(image_id).is_file()
 
     def __call__(self, sample: ImageSample) -> Proposals:
+        """The sample's proposals: loaded in a DataLoader worker (`input_step`) if they were, else now."""
+        ready = sample.prepared.get(self.input_step().key(sample.size))
+        if isinstance(ready, Proposals):
+            return ready
         return self.load(sample.image_id, size=sample.size)
+
+    def input_step(self) -> "StoredProposalsInput":
+        """Loading as a `copatch.prepare.PrepareStep`, so that DataLoader workers decode the masks."""
+        return StoredProposalsInput(str(self.root))
 
     def load(self, image_id: int | str, size: tuple[int, int] | None = None) -> Proposals:
         """Load the proposals of `image_id`, checked against the image size `(H, W)` if given."""
@@ -161,6 +169,19 @@ class StoredProposals:
                 os.unlink(tmp)
             raise
         return path
+
+
+@dataclass(frozen=True)
+class StoredProposalsInput:
+    """`StoredProposals(root).load` of a sample, as a prepare step; keyed by the folder."""
+
+    root: str
+
+    def key(self, size: tuple[int, int]) -> str:
+        return f"proposals:{self.root}"
+
+    def __call__(self, sample: ImageSample) -> Proposals:
+        return StoredProposals(self.root).load(sample.image_id, size=sample.size)
 
 
 class GroundTruthProposals:

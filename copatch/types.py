@@ -60,7 +60,7 @@ class ImageSample:
     file_name: str = ""
     error: str | None = None
     proposals: Any = None
-    prepared: dict[str, torch.Tensor] = field(default_factory=dict)
+    prepared: dict[str, Any] = field(default_factory=dict)
 
     @property
     def size(self) -> tuple[int, int]:

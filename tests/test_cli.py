@@ -80,6 +80,19 @@ def test_real_configs_compose(model, data, capsys):
     assert config["data"]["init_args"]["dataset"] == data
     assert config["model"]["visual_mix"] == (0.85 if data == "refcocog" else 0.95)
     assert config["trainer"]["strategy"] == "ddp"
+    assert config["trainer"]["precision"] == "32-true"  # fp32 unless bf16.yaml is added
+
+
+def test_bf16_overlay_switches_precision_only(capsys):
+    import yaml
+
+    with pytest.raises(SystemExit):
+        main(["predict", "--config", str(CONFIGS / "model" / "vitb16.yaml"), "--config",
+              str(CONFIGS / "data" / "refcoco.yaml"), "--config", str(CONFIGS / "trainer" / "gpu.yaml"),
+              "--config", str(CONFIGS / "trainer" / "bf16.yaml"), "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["trainer"]["precision"] == "bf16-mixed"
+    assert config["trainer"]["accelerator"] == "gpu" and config["trainer"]["devices"] == 1
 
 
 @pytest.mark.parametrize("proposer", ["stored", "ground_truth", "mask2former"])

@@ -250,19 +250,19 @@ def test_resize_prepared_in_a_worker_is_used(proposer: Mask2FormerProposer) -> N
     image = _images()[0]
     step = proposer.input_step()
     key = step.key(tuple(image.shape[-2:]))
-    assert torch.equal(step(image), proposer.preprocess([image])[0][0, :, :64, :85].mul(
+    assert torch.equal(step(_sample(image, 5)), proposer.preprocess([image])[0][0, :, :64, :85].mul(
         proposer.pixel_std).add(proposer.pixel_mean).round().to(torch.uint8))
     own = proposer.propose_batch([image])[0]
     # A prepared resize is taken as is: a different (flipped) one gives the flipped image's masks.
     other = image.flip(-1).contiguous()
     flipped = proposer.propose_batch([other])[0]
-    used = proposer.propose_batch([image], prepared=[{key: step(other)}])[0]
+    used = proposer.propose_batch([image], prepared=[{key: step(_sample(other, 5))}])[0]
     assert torch.equal(used.masks, flipped.masks) and not torch.equal(used.masks, own.masks)
     # One prepared for another size is ignored.
-    stale = proposer.propose_batch([image], prepared=[{"mask2former:1x1": step(other)}])[0]
+    stale = proposer.propose_batch([image], prepared=[{"mask2former:1x1": step(_sample(other, 5))}])[0]
     assert torch.equal(stale.masks, own.masks)
     sample = _sample(image, 5)
-    sample.prepared[key] = step(image)
+    sample.prepared[key] = step(sample)
     assert torch.equal(proposer(sample).masks, own.masks)
 
 

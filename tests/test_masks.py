@@ -145,3 +145,19 @@ def test_unique_masks_maps_back_exactly():
     assert inverse.tolist() == [0, 1, 2, 3, 4, 2, 0, 5, 5, 4]
     none, inv = unique_masks(torch.zeros(0, 3, 3, dtype=torch.bool))
     assert none.shape == (0, 3, 3) and inv.numel() == 0
+
+
+def test_unique_masks_never_merges_on_a_checksum_collision(monkeypatch):
+    import copatch.masks as masks_module
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.rand(4, 33, 47, generator=g) > 0.5  # 1551 pixels: not a multiple of 256, padded
+    masks = torch.cat([base, base[[1, 3]]])
+    keys = masks_module._mask_checksums(masks)
+    assert keys[0][4] == keys[0][1] and keys[1][5] == keys[1][3]  # duplicates share their checksums
+    assert len(set(zip(keys[0].tolist(), keys[1].tolist()))) == 4
+    # Every mask colliding: the pixel comparison still keeps the 4 different masks apart.
+    monkeypatch.setattr(masks_module, "_mask_checksums", lambda m: (torch.zeros(len(m), dtype=torch.int64),) * 2)
+    distinct, inverse = masks_module.unique_masks(masks)
+    assert distinct.shape[0] == 4 and inverse.tolist() == [0, 1, 2, 3, 1, 3]
+    assert torch.equal(distinct[inverse], masks)

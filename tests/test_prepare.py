@@ -43,7 +43,7 @@ def test_steps_compute_the_pil_resizes_and_name_their_settings():
 def test_prepared_input_takes_a_prepared_tensor_else_computes():
     sample, step = _sample(), GemInput(32)
     sentinel = torch.full((3, 32, 32), 9.0)
-    assert torch.equal(prepared_input(sample, step), step(sample.image))
+    assert torch.equal(prepared_input(sample, step), step(sample))
     sample.prepared[step.key(sample.size)] = sentinel
     assert prepared_input(sample, step) is sentinel
 
@@ -106,3 +106,27 @@ def test_setup_keeps_a_users_own_transform(tiny_config, toy_root, tmp_path):
     dm.sample_transform = mine
     _trainer(tmp_path).predict(model, datamodule=dm)
     assert dm.sample_transform is mine
+
+
+def test_stored_proposals_load_in_the_worker_and_a_bad_file_is_left_to_the_main_process(tmp_path):
+    from copatch.proposals import Proposals, StoredProposals
+
+    store = StoredProposals(tmp_path)
+    sample = _sample()
+    masks = torch.zeros(3, 30, 50, dtype=torch.bool)
+    masks[1, 5:9, 7:20] = True
+    store.write(7, Proposals(masks, torch.tensor([0.1, 0.2, 0.3])))
+    step = store.input_step()
+    SamplePreparer((step,))(sample)
+    ready = sample.prepared[step.key(sample.size)]
+    assert torch.equal(ready.masks, masks) and torch.equal(ready.scores, torch.tensor([0.1, 0.2, 0.3]))
+    assert store(sample) is ready  # the proposer returns the worker's load
+    # A missing file: nothing prepared, and the proposer raises the usual error in the main process.
+    other = ImageSample(8, sample.image, sample.expressions)
+    SamplePreparer((step,))(other)
+    assert other.prepared == {}
+    with pytest.raises(FileNotFoundError, match="8.json"):
+        store(other)
+    (tmp_path / "9.json").write_text("{not json")
+    corrupt = SamplePreparer((step,))(ImageSample(9, sample.image, sample.expressions))
+    assert corrupt.prepared == {}
