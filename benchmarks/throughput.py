@@ -105,7 +105,7 @@ def mask2former_config(name: str):
         return Mask2FormerConfig(backbone_config=swin, num_queries=200, num_labels=133)
     swin = SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2,
                       out_features=stages, drop_path_rate=0.0)
-    return Mask2FormerConfig(backbone_config=swin, num_queries=20, hidden_dim=32, feature_size=32,
+    return Mask2FormerConfig(backbone_config=swin, num_queries=200, hidden_dim=32, feature_size=32,
                              mask_feature_size=32, encoder_feedforward_dim=16, dim_feedforward=16,
                              encoder_layers=1, decoder_layers=2, num_attention_heads=2, num_labels=5)
 

@@ -143,11 +143,12 @@ def image_features(backbone: ClipBackbone, image: torch.Tensor, masks: torch.Ten
     else:
         patches = backbone.patch_features(resized, exit_layer, switches.negate_patches)[0]
 
-    boxes = masks_to_boxes(masks)
     if n == 0:
         empty = patches.new_zeros(0, patches.shape[-1])
-        return ImageFeatures(masks, boxes, empty, patches)
-    local_emb = local_embeddings(backbone, normed, distinct, masks_to_boxes(distinct),
+        return ImageFeatures(masks, masks_to_boxes(masks), empty, patches)
+    distinct_boxes = masks_to_boxes(distinct)  # full-resolution reductions: once per distinct mask
+    boxes = distinct_boxes[inverse]
+    local_emb = local_embeddings(backbone, normed, distinct, distinct_boxes,
                                  crop_fill_value(switches, normed.device))[inverse]
     if switches.mask_feature_mix == "normalized":
         global_emb, local_emb = F.normalize(global_emb, dim=-1), F.normalize(local_emb, dim=-1)
