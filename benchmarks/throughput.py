@@ -277,7 +277,24 @@ for _name in ("propose_together", "image_side", "encode_image", "parse", "encode
     setattr(LabelledCoPatch, _name, _labelled(_name))
 
 
-def build_model(args: argparse.Namespace, store: StoredProposals) -> CoPatch:
+@torch.no_grad()
+def spread_mask_logits(proposer, image: torch.Tensor, target_std: float = 2.0) -> None:
+    """Make a random-weight Mask2Former give varied masks.
+
+    At random init the mask logits hardly spread (all within a fraction of 0), so every query mask is
+    the whole image: one distinct mask, which would make the downstream work (one crop per distinct
+    mask) unrealistically small. The logits are linear in the mask-embedding head's last layer, so
+    scaling it spreads them: masks become partly on, partly off, and (almost) all distinct.
+    """
+    head = dict(proposer.model.named_modules())["model.transformer_module.decoder.mask_predictor.mask_embedder"]
+    last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    pixels, _ = proposer.preprocess([image])
+    std = proposer.model(pixel_values=pixels).masks_queries_logits.std().item()
+    last.weight.mul_(target_std / std)
+    last.bias.mul_(target_std / std)
+
+
+def build_model(args: argparse.Namespace, store: StoredProposals, image: torch.Tensor) -> CoPatch:
     proposer = store
     if args.proposer == "mask2former":
         from copatch.mask2former import Mask2FormerProposer
@@ -285,6 +302,7 @@ def build_model(args: argparse.Namespace, store: StoredProposals) -> CoPatch:
         torch.manual_seed(0)
         proposer = Mask2FormerProposer.from_config(mask2former_config(args.m2f), min_size=args.m2f_min_size,
                                                    max_size=args.m2f_max_size)
+        spread_mask_logits(proposer, image)
     cls = LabelledCoPatch if args.profile else CoPatch
     return cls(clip_model=args.model, proposer=proposer)
 
@@ -313,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     h, w = (int(v) for v in args.size.split("x"))
     store = StoredProposals(tempfile.mkdtemp(prefix="copatch-bench-"))
     samples = synthetic_samples(args.images, args.expressions, args.proposals, (h, w), store)
-    model = build_model(args, store)
+    model = build_model(args, store, samples[0].image)
     n_expr = args.images * args.expressions
     print(f"{args.images} images of {h}x{w}, {n_expr} expressions, {args.proposer} proposals "
           f"({args.m2f if args.proposer == 'mask2former' else args.proposals}), {args.model}, {args.device}")
