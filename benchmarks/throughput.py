@@ -47,10 +47,9 @@ from typing import Iterator
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from lightning.pytorch import LightningDataModule, Trainer  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+from lightning.pytorch import Trainer  # noqa: E402
 
-from copatch.datamodules.refer import make_collate  # noqa: E402
+from copatch.datamodules.base import SampleDataModule  # noqa: E402
 from copatch.module import CoPatch  # noqa: E402
 from copatch.proposals import Proposals, StoredProposals  # noqa: E402
 from copatch.types import Expression, ImageSample  # noqa: E402
@@ -110,17 +109,15 @@ def mask2former_config(name: str):
                              encoder_layers=1, decoder_layers=2, num_attention_heads=2, num_labels=5)
 
 
-class ListDataModule(LightningDataModule):
+class ListDataModule(SampleDataModule):
     """The samples as a predict DataModule; like the built-in ones it takes the model's `sample_transform`."""
 
     def __init__(self, samples: list[ImageSample], batch_size: int, num_workers: int) -> None:
-        super().__init__()
-        self.samples, self.batch_size, self.num_workers = samples, batch_size, num_workers
-        self.sample_transform = None
+        super().__init__(batch_size, num_workers)
+        self.samples = samples
 
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.samples, batch_size=self.batch_size, num_workers=self.num_workers,
-                          collate_fn=make_collate(self.sample_transform), shuffle=False)
+    def build_dataset(self) -> list[ImageSample]:
+        return self.samples
 
 
 @contextmanager

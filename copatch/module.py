@@ -616,7 +616,8 @@ class CoPatch(pl.LightningModule):
         heat = None
         if feats.gem_patches is not None and texts.gem is not None:
             heat = gem_heatmaps(feats.gem_patches, texts.gem, self.hparams.gem_size)
-        clusters = [self.comap(patch_scores[i]) for i in range(len(parsed))]
+        scores = patch_scores.cpu()  # clustering walks the grid in NumPy: one device sync per image
+        clusters = [self.comap(scores[i]) for i in range(len(parsed))]
         overlaps = self.cluster_overlaps(clusters, masks) if self.switches.use_comap else \
             [masks.new_zeros(0, masks.shape[0], dtype=torch.float32)] * len(parsed)
         targets = None if sample.targets is None else sample.targets.to(masks.device, torch.bool)

@@ -37,15 +37,15 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from copatch.datamodules.refer import BadImage, check_on_bad_image, load_image, load_image_or_error, make_collate
+from copatch.datamodules.base import SampleDataModule
+from copatch.datamodules.refer import BadImage, check_on_bad_image, load_image, load_image_or_error
 from copatch.types import Expression, ImageSample
 
 log = logging.getLogger("copatch")
@@ -291,7 +291,7 @@ class PhraseCutDataset(Dataset):
         )
 
 
-class PhraseCutDataModule(L.LightningDataModule):
+class PhraseCutDataModule(SampleDataModule):
     """Predict-only DataModule over one PhraseCut split; batches are `list[ImageSample]`.
 
     Args: as `PhraseCutDataset`, plus `batch_size` (images per batch) and `num_workers`.
@@ -307,30 +307,13 @@ class PhraseCutDataModule(L.LightningDataModule):
         num_workers: int = 0,
         limit: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         check_split(split)  # fail at config time, not in setup
         self.save_hyperparameters()
         self.root, self.split, self.image_root, self.limit = root, split, image_root, limit
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.dataset: PhraseCutDataset | None = None
-        # Per-image preprocessing for the collate function (in the workers); `CoPatch.setup` sets it.
-        self.sample_transform: Callable[[ImageSample], ImageSample] | None = None
 
     def prepare_data(self) -> None:
         check_phrasecut_files(self.root, self.split, self.image_root)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.dataset is None:  # Lightning may call setup more than once
-            self.dataset = PhraseCutDataset(self.root, self.split, self.image_root, self.limit, on_bad_image="record")
-
-    def predict_dataloader(self) -> DataLoader:
-        # No sampler here: under DDP Lightning injects its UnrepeatedDistributedSampler for predict.
-        if self.dataset is None:
-            self.setup("predict")
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=make_collate(self.sample_transform),
-        )
+    def build_dataset(self) -> PhraseCutDataset:
+        return PhraseCutDataset(self.root, self.split, self.image_root, self.limit, on_bad_image="record")

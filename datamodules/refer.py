@@ -13,7 +13,6 @@ dataset is light to send to DataLoader workers.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import pickle
@@ -22,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from copatch.datamodules.base import SampleDataModule, collate_samples, make_collate  # noqa: F401 (re-exported)
 from copatch.types import Expression, ImageSample
 
 log = logging.getLogger("copatch")
@@ -322,23 +321,7 @@ class ReferDataset(Dataset):
         )
 
 
-def collate_samples(batch: list[ImageSample],
-                    prepare: Callable[[ImageSample], ImageSample] | None = None) -> list[ImageSample]:
-    """Keep the batch a list (images differ in size, the model works per image), after `prepare`.
-
-    The collate function runs in the DataLoader's workers, so `prepare` (the model's
-    `copatch.prepare.SamplePreparer`, set as the DataModule's `sample_transform`) does its CPU
-    resizes there, off the main process.
-    """
-    return [prepare(sample) for sample in batch] if prepare is not None else list(batch)
-
-
-def make_collate(prepare: Callable[[ImageSample], ImageSample] | None) -> Callable[[list[ImageSample]], list[ImageSample]]:
-    """A picklable collate function applying `prepare` (for worker processes)."""
-    return collate_samples if prepare is None else functools.partial(collate_samples, prepare=prepare)
-
-
-class ReferDataModule(L.LightningDataModule):
+class ReferDataModule(SampleDataModule):
     """Predict-only DataModule over one REFER split; batches are `list[ImageSample]`.
 
     Args: as `ReferDataset`, plus `batch_size` (images per batch) and `num_workers`.
@@ -357,36 +340,19 @@ class ReferDataModule(L.LightningDataModule):
         gt_mask_rule: str = "union",
         limit: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         if gt_mask_rule not in ("union", "sum_eq_1"):  # fail at config time, not in setup
             raise ValueError(f"gt_mask_rule must be 'union' or 'sum_eq_1', got {gt_mask_rule!r}")
         check_split(dataset, split_by, split)
         self.save_hyperparameters()
         self.root, self.dataset_name, self.split_by, self.split = root, dataset, split_by, split
         self.image_root, self.gt_mask_rule, self.limit = image_root, gt_mask_rule, limit
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.dataset: ReferDataset | None = None
-        # Per-image preprocessing for the collate function (in the workers); `CoPatch.setup` sets it.
-        self.sample_transform: Callable[[ImageSample], ImageSample] | None = None
 
     def prepare_data(self) -> None:
         check_refer_files(self.root, self.dataset_name, self.split_by, self.image_root)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.dataset is None:  # Lightning may call setup more than once
-            self.dataset = ReferDataset(
-                self.root, self.dataset_name, self.split_by, self.split, self.image_root,
-                self.gt_mask_rule, self.limit, "record",  # type: ignore[arg-type]
-            )
-
-    def predict_dataloader(self) -> DataLoader:
-        # No sampler here: under DDP Lightning injects its UnrepeatedDistributedSampler for predict.
-        if self.dataset is None:
-            self.setup("predict")
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=make_collate(self.sample_transform),
+    def build_dataset(self) -> ReferDataset:
+        return ReferDataset(
+            self.root, self.dataset_name, self.split_by, self.split, self.image_root,
+            self.gt_mask_rule, self.limit, "record",  # type: ignore[arg-type]
         )

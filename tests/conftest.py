@@ -5,6 +5,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -31,6 +34,28 @@ def toy_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("toy")
     write_toy_refer(root, num_images=8, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def run_python():
+    """`run_python(argv, cwd=, timeout=, what=)`: `python ARGV` offline, stdout and stderr together, in
+    a session of its own. On timeout the whole process group (every DDP rank) is killed and the test
+    fails with `what` and the last output, so a hang never hangs CI."""
+
+    def run(argv: list[str], *, cwd, timeout: float, what: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            pytest.fail(f"{what} did not finish within {timeout} s; every process of it was killed. "
+                        f"Last output:\n{out[-3000:]}")
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -23,21 +23,6 @@ TIMEOUT_S = 240
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
-def run_copatch(args: list[str], cwd, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
-    """`python -m copatch.cli ARGS` in its own session; on timeout the whole group (every rank) is killed."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "copatch.cli", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"`copatch {' '.join(args)}` did not finish within {timeout} s (a DDP/gloo hang?); every rank "
-                    f"was killed. Last output:\n{out[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
-
-
 def lines_by_id(out) -> dict:
     return {line["id"]: line for path in prediction_files(out) for line in read_jsonl(path)}
 
@@ -74,10 +59,12 @@ def assert_exactly_the_single_process_result(out, reference_run, data_root, worl
     assert ddp_metrics["n"] == len(expected)
 
 
-def test_two_processes_give_exactly_the_single_process_result(tiny_run_config, reference_run, tmp_path):
+def test_two_processes_give_exactly_the_single_process_result(tiny_run_config, reference_run, tmp_path,
+                                                              run_python):
     out = tmp_path / "ddp"
-    proc = run_copatch(["predict", "--config", str(tiny_run_config), "--trainer.default_root_dir", str(out),
-                        "--trainer.devices", "2", "--trainer.strategy", "ddp"], cwd=tmp_path)
+    proc = run_python(["-m", "copatch.cli", "predict", "--config", str(tiny_run_config), "--trainer.default_root_dir",
+                       str(out), "--trainer.devices", "2", "--trainer.strategy", "ddp"], cwd=tmp_path,
+                      timeout=TIMEOUT_S, what="the two-process DDP run (a gloo hang?)")
     check_failed(proc, out, "the DDP run")
     assert_exactly_the_single_process_result(out, reference_run, tiny_run_config.parent / "data", 2)
 

@@ -7,11 +7,7 @@ with two processes (`examples/teacher.py --devices 2` in a subprocess under a ti
 
 import json
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -206,19 +202,11 @@ def test_no_forward_hook_survives_a_call_or_an_exception(monkeypatch):
     assert not torch.nn.modules.module._global_forward_pre_hooks
 
 
-def test_host_ddp_fit_with_two_processes(tmp_path):
+def test_host_ddp_fit_with_two_processes(tmp_path, run_python):
     """`examples/teacher.py --devices 2`: DDP over gloo on CPU; every rank trains the same head."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(EXAMPLES / "teacher.py"), "--devices", "2", "--steps", "3"],
-                            cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=DDP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"the DDP fit did not finish within {DDP_TIMEOUT_S} s (a gloo hang?); every rank was killed. "
-                    f"Last output:\n{out[-3000:]}")
+    proc = run_python([str(EXAMPLES / "teacher.py"), "--devices", "2", "--steps", "3"], cwd=tmp_path,
+                      timeout=DDP_TIMEOUT_S, what="the DDP fit (a gloo hang?)")
+    out = proc.stdout
     assert proc.returncode == 0, out[-3000:]
     # The ranks share the pipe: take each rank's one-line JSON wherever it landed.
     results = sorted((json.loads(m) for m in re.findall(r"RESULT (\{[^{}]*\})", out)), key=lambda r: r["rank"])

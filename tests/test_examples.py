@@ -3,11 +3,7 @@ shipped demo CLIP, each in a subprocess under a timeout. (`examples/teacher.py -
 tests/test_embedding.py.)"""
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,18 +13,16 @@ EXAMPLES = Path(__file__).parents[1] / "examples"
 TIMEOUT_S = 120
 
 
-def run_example(name: str, *args: str, cwd) -> str:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(EXAMPLES / name), *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"examples/{name} did not finish within {TIMEOUT_S} s. Last output:\n{out[-3000:]}")
-    assert proc.returncode == 0, f"examples/{name} failed:\n{out[-3000:]}"
-    return out
+@pytest.fixture
+def run_example(run_python):
+    """`run_example(name, *args, cwd=)`: `python examples/<name> ARGS`, which must succeed; its output."""
+
+    def run(name: str, *args: str, cwd) -> str:
+        proc = run_python([str(EXAMPLES / name), *args], cwd=cwd, timeout=TIMEOUT_S, what=f"examples/{name}")
+        assert proc.returncode == 0, f"examples/{name} failed:\n{proc.stdout[-3000:]}"
+        return proc.stdout
+
+    return run
 
 
 def expression_lines(out: str) -> list[re.Match]:
@@ -36,7 +30,7 @@ def expression_lines(out: str) -> list[re.Match]:
                         for line in out.splitlines()) if m]
 
 
-def test_single_image(tmp_path):
+def test_single_image(tmp_path, run_example):
     overlay = tmp_path / "overlay.png"
     out = run_example("single_image.py", str(overlay), cwd=tmp_path)
     lines = expression_lines(out)
@@ -45,7 +39,7 @@ def test_single_image(tmp_path):
         assert image.width == 2 * 128 and image.height == len(lines) * (128 + 18)
 
 
-def test_custom_proposer(tmp_path):
+def test_custom_proposer(tmp_path, run_example):
     out = run_example("custom_proposer.py", cwd=tmp_path)
     found = re.search(r"ColourRegions: (\d+) regions \((\d+) objects", out)
     assert found and int(found.group(1)) >= 2, out  # objects, plus the background
@@ -53,7 +47,7 @@ def test_custom_proposer(tmp_path):
     assert len(lines) >= 2 and all(m.group(2) == "region" for m in lines), out
 
 
-def test_teacher(tmp_path):
+def test_teacher(tmp_path, run_example):
     checkpoint = tmp_path / "host.ckpt"
     out = run_example("teacher.py", "--steps", "3", "--checkpoint", str(checkpoint), cwd=tmp_path)
     (result,) = [json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines() if "RESULT " in line]
