@@ -8,8 +8,9 @@ PhraseCut), never by batch position.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -66,6 +67,29 @@ class ImageSample:
     def size(self) -> tuple[int, int]:
         """`(H, W)` of the original image."""
         return int(self.image.shape[-2]), int(self.image.shape[-1])
+
+    def pin_memory(self) -> "ImageSample":
+        """A copy with every tensor (image, masks, prepared inputs, proposals) in pinned memory.
+
+        The DataLoader calls this in its pinning thread when `pin_memory=True` (the DataModules turn it
+        on when CUDA is available): copies from pinned memory to the GPU are faster and can overlap
+        with compute, which matters for the ~60 MB of proposal masks an image carries.
+        """
+        return map_tensors(self, lambda t: t.pin_memory())
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`obj` with `fn` applied to each tensor in it, through dataclasses (copied), dicts, lists, tuples."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: map_tensors(getattr(obj, f.name), fn) for f in dataclasses.fields(obj) if f.init}
+        return dataclasses.replace(obj, **changes)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(v, fn) for v in obj)
+    return obj
 
 
 @dataclass

@@ -304,3 +304,30 @@ def test_trainer_predict(toy) -> None:
     out = trainer.predict(Echo(), datamodule=dm)
     val = sorted((r for r in toy[1] if r["split"] == "val"), key=lambda r: (r["image_id"], r["ref_id"]))
     assert [i for ids in out for i in ids] == [s["sent_id"] for r in val for s in r["sentences"]]
+
+
+def test_batches_pin_every_tensor_of_a_sample(toy, monkeypatch) -> None:
+    """What the DataLoader's pinning thread does with a batch (`pin_memory=True` on CUDA machines):
+    `ImageSample.pin_memory` reaches every tensor, prepared proposals included."""
+    import torch
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from copatch.proposals import Proposals
+
+    root, _, _ = toy
+    sample = ReferDataset(root, split="val")[0]
+    sample.prepared["proposals:x"] = Proposals(sample.instance_masks.clone())
+    sample.prepared["gem:1"] = torch.zeros(3, 4, 4)
+    pinned_ids = []
+
+    def fake_pin(self, *args, **kwargs):  # no CUDA here: record instead of pinning
+        copy = self.clone()
+        pinned_ids.append(id(copy))
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    (out,) = pin_memory([sample])
+    tensors = [out.image, out.targets, out.instance_masks, out.prepared["proposals:x"].masks, out.prepared["gem:1"]]
+    assert sorted(id(t) for t in tensors) == sorted(pinned_ids)
+    assert torch.equal(out.targets, sample.targets) and out.expressions == sample.expressions
+    assert isinstance(out.prepared["proposals:x"], Proposals)
