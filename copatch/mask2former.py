@@ -526,6 +526,9 @@ class Mask2FormerProposer(nn.Module):
                 theirs = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as err:
                 raise ValueError(f"cannot read the proposal cache settings {path}: {err}") from err
+            # Caches written before `batching` existed were made one image at a time (the module
+            # called the proposer per image), which is what "same_size" gives.
+            theirs.setdefault("batching", "same_size")
             if theirs != ours:
                 diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
                 raise ValueError(

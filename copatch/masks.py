@@ -217,6 +217,30 @@ def _mask_checksums(masks: Tensor) -> tuple[Tensor, Tensor]:
     pad = (-flat.shape[1]) % 256
     if pad:
         flat = torch.nn.functional.pad(flat, (0, pad))
+    elif flat.storage_offset() % 4:  # an int32 view needs 4-byte alignment (e.g. a view into a larger stack)
+        flat = flat.clone()
     blocks = flat.view(torch.int32).view(flat.shape[0], -1, 64).sum(2, dtype=torch.int64)  # [N, B]
     weights = torch.arange(blocks.shape[1], device=masks.device) % 65521 + 1
     return blocks.sum(1), (blocks * weights).sum(1)
+
+
+# Bit weights of one packed byte, most significant first (NumPy's `packbits` order).
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def pack_masks(masks: Tensor) -> Tensor:
+    """`[N, H, W]` bool -> `[N, ceil(H*W / 8)]` uint8, 8 pixels a byte (row-major), on the CPU.
+
+    An eighth of the bytes: what DataLoader workers send through shared memory and what is copied
+    to the GPU, where `unpack_masks` restores the masks.
+    """
+    _check_stack(masks, "masks")
+    return torch.from_numpy(np.packbits(masks.flatten(1).cpu().numpy(), axis=1))
+
+
+def unpack_masks(bits: Tensor, size: tuple[int, int]) -> Tensor:
+    """Inverse of `pack_masks`: `[N, B]` uint8 -> `[N, H, W]` bool, on `bits`' device."""
+    h, w = size
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits.device)
+    flat = (bits.unsqueeze(-1) & weights) != 0  # [N, B, 8]
+    return flat.reshape(bits.shape[0], bits.shape[1] * 8)[:, : h * w].reshape(bits.shape[0], h, w)

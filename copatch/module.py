@@ -369,16 +369,18 @@ class CoPatch(pl.LightningModule):
     def sample_preparer(self) -> SamplePreparer:
         """The image-only CPU preprocessing of this configuration, to run in DataLoader workers.
 
-        Holds the GEM resize (with the spatial guidance) and the proposer's own resize when it has
-        one (`input_step()`, e.g. `Mask2FormerProposer`). `setup` hands it to the DataModule; a
-        DataLoader built elsewhere can apply it in its collate function (`copatch.prepare`).
+        Holds the GEM resize (with the spatial guidance) and the proposer's own step when it has one
+        (`input_step()`: `Mask2FormerProposer`'s resize, `StoredProposals`' decoding). `setup` hands it
+        to the DataModule; a DataLoader built elsewhere can apply it in its collate function
+        (`copatch.prepare`).
         """
         steps = []
         if self.switches.spatial_guidance:
             steps.append(self.gem_input())
         input_step = getattr(self.proposer, "input_step", None)
-        if callable(input_step):
-            steps.append(input_step())
+        step = input_step() if callable(input_step) else None
+        if step is not None:
+            steps.append(step)
         return SamplePreparer(tuple(steps))
 
     def patch_features(self, sample: ImageSample, patches: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,9 @@ workers, while the GPU works on the previous batch, it costs the main process no
 A `PrepareStep` turns a sample into one such input and names it with a key that holds its settings
 (and, where the output depends on it, the image size). `SamplePreparer` runs its steps on every
 sample of a batch and stores the results in `ImageSample.prepared`; a stage looks its own key up with
-`prepared_input` and computes the input itself when the key is not there. A missing, stale or
-foreign preparation can therefore cost time, never change a result. A step that fails on bad input
+`prepared_input` and computes the input itself when the key is not there. A missing preparation
+or one made with other settings therefore costs time, never changes a result. The prepared inputs
+belong to the sample's `image` (and id): code that gives a sample another image must drop them. A step that fails on bad input
 (an unreadable proposals file: `OSError` / `ValueError`) leaves its key out, so that the main process
 meets the same error where it records it as that image's failure, instead of the worker ending the run.
 
@@ -21,6 +22,7 @@ attribute (the built-in ones); their collate function, which runs in the workers
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -47,13 +49,17 @@ class SamplePreparer:
     steps: tuple[PrepareStep, ...] = ()
 
     def __call__(self, sample: ImageSample) -> ImageSample:
-        if sample.error is None:
-            for step in self.steps:
-                try:
-                    sample.prepared[step.key(sample.size)] = step(sample)
-                except (OSError, ValueError):
-                    pass  # the main process meets the error again, and records it for this image
-        return sample
+        """A copy of `sample` with the steps' inputs added to its `prepared`; `sample` is not changed
+        (an in-memory dataset would otherwise keep every prepared input for good)."""
+        if sample.error is not None or not self.steps:
+            return sample
+        prepared = dict(sample.prepared)
+        for step in self.steps:
+            try:
+                prepared[step.key(sample.size)] = step(sample)
+            except (OSError, ValueError):
+                pass  # the main process meets the error again, and records it for this image
+        return dataclasses.replace(sample, prepared=prepared)
 
     def __bool__(self) -> bool:
         return bool(self.steps)

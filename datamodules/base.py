@@ -13,7 +13,7 @@ import functools
 from typing import Callable
 
 import lightning as L
-import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset
 
 from copatch.types import ImageSample
@@ -67,6 +67,12 @@ class SampleDataModule(L.LightningDataModule):
             shuffle=False,
             num_workers=self.num_workers,
             collate_fn=make_collate(self.sample_transform),
-            # Pinned batches copy to the GPU faster (`ImageSample.pin_memory`); pointless without CUDA.
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self._pin_memory(),
         )
+
+    def _pin_memory(self) -> bool:
+        """Pin batches when the trainer runs on CUDA: pinned memory copies to the GPU faster
+        (`ImageSample.pin_memory`). Not on a CPU run, even on a machine with a GPU (pinning would
+        start a CUDA context there)."""
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator)

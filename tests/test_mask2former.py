@@ -368,6 +368,14 @@ def test_cache_with_other_settings_is_refused(tmp_path: Path) -> None:
     other = _make(0, cache_dir=tmp_path, threshold=0.5)
     with pytest.raises(ValueError, match="other settings.*threshold"):
         other(_sample(_images()[0], 1))
+    with pytest.raises(ValueError, match="other settings.*batching"):
+        _make(0, cache_dir=tmp_path, batching="largest")(_sample(_images()[0], 1))
+    # A cache from before the `batching` setting (made one image at a time) is "same_size".
+    settings = tmp_path / SETTINGS_FILE
+    old = json.loads(settings.read_text())
+    del old["batching"]
+    settings.write_text(json.dumps(old))
+    assert _make(0, cache_dir=tmp_path)(_sample(_images()[0], 1)).masks.shape[0] == NUM_QUERIES
 
 
 # ----------------------------------------------------------------------------- loading from disk

@@ -161,3 +161,31 @@ def test_unique_masks_never_merges_on_a_checksum_collision(monkeypatch):
     distinct, inverse = masks_module.unique_masks(masks)
     assert distinct.shape[0] == 4 and inverse.tolist() == [0, 1, 2, 3, 1, 3]
     assert torch.equal(distinct[inverse], masks)
+
+
+def test_checksums_of_a_view_at_an_odd_offset():
+    from copatch.masks import _mask_checksums, unique_masks
+
+    base = torch.rand(1 + 3 * 16 * 16, generator=torch.Generator().manual_seed(2)) > 0.5
+    masks = base[1:].view(3, 16, 16)  # contiguous, storage offset 1: no int32 view without a copy
+    assert masks.storage_offset() % 4 == 1
+    keys = _mask_checksums(masks)
+    assert [k.tolist() for k in keys] == [k.tolist() for k in _mask_checksums(masks.clone())]
+    distinct, inverse = unique_masks(torch.cat([masks, masks[:1]]))
+    assert distinct.shape[0] == 3 and inverse.tolist() == [0, 1, 2, 0]
+
+
+@pytest.mark.parametrize("size", [(16, 16), (7, 9), (1, 1)])
+def test_packed_masks_round_trip_and_match_numpy_bit_order(size):
+    from copatch.masks import pack_masks, unpack_masks
+
+    masks = torch.rand(4, *size, generator=torch.Generator().manual_seed(3)) > 0.5
+    bits = pack_masks(masks)
+    assert bits.dtype == torch.uint8 and bits.shape == (4, -(-size[0] * size[1] // 8))
+    # Independent: pixel i of a mask is bit 7 - i % 8 of byte i // 8.
+    flat = masks.flatten(1).numpy()
+    i = np.arange(flat.shape[1])
+    expected = (bits.numpy()[:, i // 8] >> (7 - i % 8)) & 1
+    assert (expected == flat).all()
+    assert torch.equal(unpack_masks(bits, size), masks)
+    assert unpack_masks(pack_masks(masks[:0]), size).shape == (0, *size)

@@ -1,5 +1,6 @@
 """Image-only preprocessing in DataLoader workers (`copatch.prepare`): same inputs, same predictions."""
 
+import dataclasses
 import pickle
 
 import numpy as np
@@ -23,9 +24,10 @@ def _sample(h=30, w=50, error=None) -> ImageSample:
 
 
 def test_steps_compute_the_pil_resizes_and_name_their_settings():
-    sample = _sample()
+    original = _sample()
     gem, m2f = GemInput(64, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)), Mask2FormerInput(40, 100)
-    SamplePreparer((gem, m2f))(sample)
+    sample = SamplePreparer((gem, m2f))(original)
+    assert original.prepared == {}  # a copy: the dataset's own sample keeps nothing
     assert set(sample.prepared) == {gem.key((30, 50)), "mask2former:40x67"}
     # Independent: PIL on the HWC array.
     pil = Image.fromarray(sample.image.permute(1, 2, 0).numpy())
@@ -108,25 +110,48 @@ def test_setup_keeps_a_users_own_transform(tiny_config, toy_root, tmp_path):
     assert dm.sample_transform is mine
 
 
-def test_stored_proposals_load_in_the_worker_and_a_bad_file_is_left_to_the_main_process(tmp_path):
-    from copatch.proposals import Proposals, StoredProposals
+def test_stored_proposals_decode_in_the_worker_and_a_bad_file_is_left_to_the_main_process(tmp_path):
+    from copatch.proposals import PackedProposals, Proposals, StoredProposals
 
     store = StoredProposals(tmp_path)
     sample = _sample()
     masks = torch.zeros(3, 30, 50, dtype=torch.bool)
     masks[1, 5:9, 7:20] = True
+    masks[2, 29, 49] = True  # the last pixel, in the last (half-filled: 1500 = 187 * 8 + 4) byte
     store.write(7, Proposals(masks, torch.tensor([0.1, 0.2, 0.3])))
     step = store.input_step()
-    SamplePreparer((step,))(sample)
-    ready = sample.prepared[step.key(sample.size)]
-    assert torch.equal(ready.masks, masks) and torch.equal(ready.scores, torch.tensor([0.1, 0.2, 0.3]))
-    assert store(sample) is ready  # the proposer returns the worker's load
+    ready = SamplePreparer((step,))(sample).prepared[step.key(sample.size)]
+    assert isinstance(ready, PackedProposals) and ready.bits.shape == (3, 188)  # 1500 bits -> 188 bytes
+    prepared = dataclasses.replace(sample, prepared={step.key(sample.size): ready})
+    loaded = store(prepared)  # unpacked from the worker's bits, no file read
+    assert torch.equal(loaded.masks, masks) and torch.equal(loaded.scores, torch.tensor([0.1, 0.2, 0.3]))
+    (tmp_path / "7.json").unlink()
+    assert torch.equal(store(prepared).masks, masks)
     # A missing file: nothing prepared, and the proposer raises the usual error in the main process.
     other = ImageSample(8, sample.image, sample.expressions)
-    SamplePreparer((step,))(other)
-    assert other.prepared == {}
+    assert SamplePreparer((step,))(other).prepared == {}
     with pytest.raises(FileNotFoundError, match="8.json"):
         store(other)
     (tmp_path / "9.json").write_text("{not json")
-    corrupt = SamplePreparer((step,))(ImageSample(9, sample.image, sample.expressions))
-    assert corrupt.prepared == {}
+    assert SamplePreparer((step,))(ImageSample(9, sample.image, sample.expressions)).prepared == {}
+    assert StoredProposals(tmp_path, decode_in_workers=False).input_step() is None
+
+
+def test_a_stored_proposals_subclass_gets_its_own_masks_in_the_worker(tmp_path):
+    from copatch.proposals import Proposals, StoredProposals
+
+    class FirstTwo(StoredProposals):
+        def load(self, image_id, size=None):
+            proposals = super().load(image_id, size)
+            return Proposals(proposals.masks[:2])
+
+    masks = torch.rand(5, 30, 50, generator=torch.Generator().manual_seed(0)) > 0.5
+    StoredProposals(tmp_path).write(7, Proposals(masks))
+    store = FirstTwo(tmp_path)
+    sample = _sample()
+    in_main = store(sample)
+    step = store.input_step()
+    assert step.key(sample.size) != StoredProposals(tmp_path).input_step().key(sample.size)
+    in_worker = store(SamplePreparer((step,))(sample))
+    assert in_main.masks.shape[0] == in_worker.masks.shape[0] == 2
+    assert torch.equal(in_main.masks, in_worker.masks)

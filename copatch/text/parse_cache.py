@@ -70,6 +70,7 @@ class CachedParser:
         self._memory: dict[str, ParsedExpression] = {}
         self._identity: str | None = None
         self._disk_loaded = False
+        self._write_failed = False  # after a failed write (full disk, read-only folder) no more are tried
         # Own files already checked for a torn last line (the path changes with the pid after fork).
         self._checked_files: set[Path] = set()
 
@@ -100,7 +101,7 @@ class CachedParser:
                     f"for {len(missing)} texts"
                 )
             self._memory.update(zip(missing, parsed))
-            if self.cache_dir is not None:
+            if self.cache_dir is not None and not self._write_failed:
                 self._append(list(zip(missing, parsed)))
         self.misses += len(missing)
         self.hits += len(texts) - len(missing)
@@ -150,21 +151,26 @@ class CachedParser:
                        ensure_ascii=False) + "\n"
             for text, parsed in items
         )
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         path = self._own_file()
-        if path not in self._checked_files:
-            # Pids repeat (e.g. across container restarts): if an earlier process with our name was
-            # killed mid-line, start on a fresh line so our first record is not glued to its tail.
-            self._checked_files.add(path)
-            if path.exists() and path.stat().st_size > 0:
-                with path.open("rb") as f:
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":
-                        payload = "\n" + payload
-        # One write per parse() call, flushed now, so a killed run loses at most its last line.
-        with path.open("a", encoding="utf-8", newline="\n") as f:
-            f.write(payload)
-            f.flush()
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            if path not in self._checked_files:
+                # Pids repeat (e.g. across container restarts): if an earlier process with our name was
+                # killed mid-line, start on a fresh line so our first record is not glued to its tail.
+                self._checked_files.add(path)
+                if path.exists() and path.stat().st_size > 0:
+                    with path.open("rb") as f:
+                        f.seek(-1, os.SEEK_END)
+                        if f.read(1) != b"\n":
+                            payload = "\n" + payload
+            # One write per parse() call, flushed now, so a killed run loses at most its last line.
+            with path.open("a", encoding="utf-8", newline="\n") as f:
+                f.write(payload)
+                f.flush()
+        except OSError as err:  # a full disk or a read-only folder must not stop a run: stop writing
+            warnings.warn(f"Parse cache: cannot write {path}: {err}; parses are no longer written to "
+                          f"{self.cache_dir} in this process", stacklevel=3)
+            self._write_failed = True
 
 
 def _decode(fields: Any) -> ParsedExpression:
@@ -209,11 +215,12 @@ def _identity_of(parser: Any) -> str:
     if isinstance(parser, CachedParser):
         return parser.identity
     cls = type(parser)
-    # Exact class only: a subclass may change the rules, so it gets its own identity.
+    # The exact class comes first: a subclass may change the rules, so it gets its own identity (one
+    # that changes its rules in place should get a new cache dir); it keeps its base's versions.
     parts = [f"{cls.__module__}.{cls.__qualname__}"]
-    if cls is SpacyParser:
+    if isinstance(parser, SpacyParser):
         parts += _spacy_parts(parser)
-    elif cls is StanzaParser:
+    elif isinstance(parser, StanzaParser):
         if parser._pipeline is not None:  # injected pipeline: name it by its class
             pipe = type(parser._pipeline)
             parts.append(f"pipeline={pipe.__module__}.{pipe.__qualname__}")
@@ -240,6 +247,6 @@ def _identity_of(parser: Any) -> str:
         model = getattr(parser, "model", "")
         if isinstance(model, (str, int, float)):  # only plain values: repr of objects can vary
             parts.append(f"model={model}")
-    if cls in (SpacyParser, StanzaParser):
+    if isinstance(parser, (SpacyParser, StanzaParser)):
         parts.append(f"rules={_rules_hash()}")
     return "|".join(parts)

@@ -397,4 +397,5 @@ def test_config_composes(capsys: pytest.CaptureFixture) -> None:
     assert config["data"]["init_args"] == {"root": "data/phrasecut", "split": "test", "image_root": None,
                                            "batch_size": 4, "num_workers": 4, "limit": None}
     assert config["model"]["proposer"] == {"class_path": "copatch.proposals.StoredProposals",
-                                           "init_args": {"root": "data/proposals/phrasecut"}}
+                                           "init_args": {"root": "data/proposals/phrasecut",
+                                                         "decode_in_workers": True}}

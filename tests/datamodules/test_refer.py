@@ -331,3 +331,17 @@ def test_batches_pin_every_tensor_of_a_sample(toy, monkeypatch) -> None:
     assert sorted(id(t) for t in tensors) == sorted(pinned_ids)
     assert torch.equal(out.targets, sample.targets) and out.expressions == sample.expressions
     assert isinstance(out.prepared["proposals:x"], Proposals)
+
+
+def test_pins_only_for_a_cuda_trainer(toy) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+    root, _, _ = toy
+    dm = ReferDataModule(root, split="val", limit=1)
+    assert dm.predict_dataloader().pin_memory is False  # no trainer
+    dm.trainer = SimpleNamespace(accelerator=CPUAccelerator())
+    assert dm.predict_dataloader().pin_memory is False
+    dm.trainer = SimpleNamespace(accelerator=CUDAAccelerator())
+    assert dm.predict_dataloader().pin_memory is True

@@ -231,3 +231,28 @@ def _host() -> str:
     import socket
 
     return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+
+
+def test_a_failed_write_warns_once_and_the_run_goes_on(spacy_parser, expected, tmp_path):
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("a file where the cache folder should be")
+    spy, calls = spied(spacy_parser)
+    cached = CachedParser(spy, not_a_dir)
+    with pytest.warns(UserWarning, match="cannot write"):
+        first = cached.parse(UNIQUE[:2])
+    assert first == [expected[t] for t in UNIQUE[:2]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second attempt, no second warning
+        assert cached.parse(UNIQUE[2:4]) == [expected[t] for t in UNIQUE[2:4]]
+    assert len(calls) == 2
+
+
+def test_a_subclass_has_its_own_identity_with_its_bases_versions(spacy_parser):
+    class Tweaked(SpacyParser):
+        pass
+
+    tweaked = Tweaked(spacy_parser.model)
+    tweaked._nlp = spacy_parser._load()
+    base, sub = CachedParser(spacy_parser).identity, CachedParser(tweaked).identity
+    assert sub != base and "Tweaked" in sub
+    assert base.split("|", 1)[1] == sub.split("|", 1)[1]  # same model, versions and rules hash
