@@ -696,9 +696,9 @@ class CoPatch(pl.LightningModule):
         # Runs after the callbacks' `setup` and before their `on_predict_start`, where a PredictionWriter
         # sets these again: a run without a writer never sees those of an earlier (maybe failed) run.
         self.run_dir, self.skip_ids = None, set()
-        # The image-only resizes run in the DataLoader workers of a DataModule that takes them (the
-        # built-in ones have a `sample_transform` attribute, applied by their collate function). The
-        # dataloader is built after this hook, so the workers get it.
+        # The image-only CPU work (PIL resizes, stored-proposal decoding) runs in the DataLoader workers
+        # of a DataModule that takes it (the built-in ones have a `sample_transform` attribute, applied
+        # by their collate function). The dataloader is built after this hook, so the workers get it.
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "sample_transform"):
             if datamodule.sample_transform is None or isinstance(datamodule.sample_transform, SamplePreparer):
