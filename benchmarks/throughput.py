@@ -25,8 +25,8 @@ Random weights: speed does not depend on the weights' values.
         --proposer mask2former --m2f swin-large
 
 Each mode's peak memory is its own: GPU `max_memory_allocated` (reset before each mode) or the peak
-CPU RSS sampled during the mode. `--profile` prints the torch profiler's top operators of the
-copatch mode.
+CPU RSS of the main process sampled during the mode (DataLoader workers, `--workers`, not counted).
+`--profile` prints the torch profiler's time per stage and top operators of the copatch mode.
 
 Speed is measured here, never in unit tests; the CPU smoke run in the test suite only checks that both
 paths run and agree.
