@@ -301,7 +301,7 @@ def build_model(args: argparse.Namespace, store: StoredProposals, image: torch.T
                                                    max_size=args.m2f_max_size)
         spread_mask_logits(proposer, image)
     cls = LabelledCoPatch if args.profile else CoPatch
-    return cls(clip_model=args.model, proposer=proposer)
+    return cls(clip_model=args.model, proposer=proposer, parse_in_workers=args.parse_in_workers)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", default="480x640", help="HxW")
     parser.add_argument("--batch-size", type=int, default=4, help="images per predict batch")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the copatch mode")
+    parser.add_argument("--parse-in-workers", action="store_true",
+                        help="copatch mode: the DataLoader workers parse (needs --workers >= 1)")
     parser.add_argument("--mode", default="both", choices=["both", "reference", "copatch"])
     parser.add_argument("--bf16", action="store_true", help="also time copatch with bf16 autocast (GPU)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",

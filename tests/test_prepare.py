@@ -155,3 +155,36 @@ def test_a_stored_proposals_subclass_gets_its_own_masks_in_the_worker(tmp_path):
     in_worker = store(SamplePreparer((step,))(sample))
     assert in_main.masks.shape[0] == in_worker.masks.shape[0] == 2
     assert torch.equal(in_main.masks, in_worker.masks)
+
+
+def test_parses_made_in_the_workers_are_used_and_equal(tiny_config, toy_root, tmp_path):
+    """`parse_in_workers`: with a worker process the main process's parser parses nothing, and the
+    predictions (parses included) equal those of a model that parses itself."""
+    torch.manual_seed(0)
+    model = CoPatch(clip_config=tiny_config, exit_layer=1, gem_depth=3, gem_size=128, parse_in_workers=True)
+    dm = ReferDataModule(str(toy_root), split="val", batch_size=2, limit=3, num_workers=1)
+    in_workers = [p for b in _trainer(tmp_path).predict(model, datamodule=dm) for p in b]
+    assert model.parser.misses == 0 and model.parser.hits == 0  # the worker's copy did the parsing
+    reference = _model(tiny_config)
+    dm = ReferDataModule(str(toy_root), split="val", batch_size=2, limit=3)
+    in_main = [p for b in _trainer(tmp_path).predict(reference, datamodule=dm) for p in b]
+    assert reference.parser.misses > 0
+    assert [p.chosen for p in in_workers] == [p.chosen for p in in_main]
+    for a, b in zip(in_workers, in_main):
+        assert {k: a.extras[k] for k in ("noun_phrase", "context", "relation", "direction")} == \
+            {k: b.extras[k] for k in ("noun_phrase", "context", "relation", "direction")}
+
+
+def test_worker_parses_survive_dropping_expressions_and_a_missing_text_means_parse_again(spacy_parser):
+    from copatch.text.parse_cache import CachedParser, ParseInput
+
+    step = ParseInput(CachedParser(spacy_parser))
+    sample = ImageSample(1, torch.zeros(3, 8, 8, dtype=torch.uint8),
+                         [Expression(1, "the man in red"), Expression(2, "left dog"), Expression(3, "the man in red")])
+    prepared = SamplePreparer((step,))(sample)
+    expected = spacy_parser.parse([e.text for e in sample.expressions])
+    assert step.lookup(prepared) == expected  # tuples of the frozen dataclass rebuilt exactly
+    fewer = dataclasses.replace(prepared, expressions=prepared.expressions[1:])  # as a resumed run's `pending`
+    assert step.lookup(fewer) == expected[1:]
+    other = dataclasses.replace(prepared, expressions=[Expression(4, "a cat")])
+    assert step.lookup(other) is None and step.lookup(sample) is None

@@ -21,6 +21,7 @@ lines (such as the last line of a killed run) are skipped with a warning.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import hashlib
 import json
 import os
@@ -171,6 +172,36 @@ class CachedParser:
             warnings.warn(f"Parse cache: cannot write {path}: {err}; parses are no longer written to "
                           f"{self.cache_dir} in this process", stacklevel=3)
             self._write_failed = True
+
+
+
+@dataclass(frozen=True)
+class ParseInput:
+    """Parsing a sample's expressions as a `copatch.prepare.PrepareStep`, so that DataLoader workers
+    do it (`CoPatch(parse_in_workers=True)`): the main process then only looks the parses up.
+
+    The step runs the model's own `CachedParser` (a copy in each worker, with its own cache file),
+    so the parses are the ones the main process would make; the key is the parser's identity. The
+    result is plain data, `{text: {field: value}}`: Lightning's batch transfer rebuilds dataclasses
+    and refuses frozen ones such as `ParsedExpression`.
+    """
+
+    parser: CachedParser
+
+    def key(self, size: tuple[int, int]) -> str:
+        return f"parse:{self.parser.identity}"
+
+    def __call__(self, sample: Any) -> dict[str, dict[str, Any]]:
+        texts = [e.text for e in sample.expressions]
+        return {t: dataclasses.asdict(p) for t, p in zip(texts, self.parser.parse(texts))}
+
+    def lookup(self, sample: Any) -> list[ParsedExpression] | None:
+        """The parses of `sample.expressions` made in a worker, in order, or None if any is missing."""
+        found = sample.prepared.get(self.key(sample.size))
+        if not isinstance(found, dict) or any(e.text not in found for e in sample.expressions):
+            return None
+        return [ParsedExpression(**{k: tuple(v) if k in _TUPLE_FIELDS else v for k, v in found[e.text].items()})
+                for e in sample.expressions]
 
 
 def _decode(fields: Any) -> ParsedExpression:
