@@ -5,6 +5,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 
+import importlib.util  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -34,6 +35,19 @@ def toy_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("toy")
     write_toy_refer(root, num_images=8, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """`load_script(path)`: a script of the repository (benchmarks/, scripts/) imported as a module."""
+
+    def load(path: Path):
+        spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

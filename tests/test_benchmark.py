@@ -1,6 +1,5 @@
 """CPU smoke runs of benchmarks/throughput.py: both paths run and pick the same masks (never timed)."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -8,15 +7,8 @@ import pytest
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "throughput.py"
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
-def test_throughput_benchmark_smoke_with_stored_proposals(capsys):
-    results = _bench().main(["--images", "2", "--expressions", "4", "--proposals", "12", "--size", "48x64",
+def test_throughput_benchmark_smoke_with_stored_proposals(capsys, load_script):
+    results = load_script(SCRIPT).main(["--images", "2", "--expressions", "4", "--proposals", "12", "--size", "48x64",
                              "--batch-size", "2", "--profile", "5"])
     assert results["reference"]["picks"] == results["copatch"]["picks"]
     assert len(results["copatch"]["picks"]) == 8
@@ -29,9 +21,9 @@ def test_throughput_benchmark_smoke_with_stored_proposals(capsys):
     assert rows["copatch.image_side"][0] == "2" and rows["copatch.pick"][0] == "8"
 
 
-def test_throughput_benchmark_smoke_with_mask2former(capsys):
+def test_throughput_benchmark_smoke_with_mask2former(capsys, load_script):
     pytest.importorskip("transformers")
-    results = _bench().main(["--images", "3", "--expressions", "3", "--size", "40x56", "--batch-size", "3",
+    results = load_script(SCRIPT).main(["--images", "3", "--expressions", "3", "--size", "40x56", "--batch-size", "3",
                              "--proposer", "mask2former", "--m2f", "tiny", "--m2f-min-size", "64",
                              "--m2f-max-size", "96", "--workers", "1"])
     assert results["reference"]["picks"] == results["copatch"]["picks"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from copatch.datamodules.refer import ReferDataModule, ReferDataset, annotation_mask, collate_samples, select_refs
+from copatch.datamodules.refer import ReferDataModule, ReferDataset, annotation_mask, select_refs
 from copatch.datamodules.toy import write_toy_refer
 from copatch.types import ImageSample
 
@@ -276,17 +276,12 @@ def test_datamodule_predict_dataloader(toy) -> None:
     dm = ReferDataModule(str(root), batch_size=2, num_workers=2)
     assert dm.hparams["batch_size"] == 2 and dm.hparams["split"] == "val"
     dm.prepare_data()
-    dm.setup("predict")
-    dataset = dm.dataset
-    dm.setup("predict")
-    assert dm.dataset is dataset  # built once
-    batches = list(dm.predict_dataloader())
+    batches = list(dm.predict_dataloader())  # (the base's behaviour: tests/datamodules/test_base.py)
     assert [len(b) for b in batches] == [2, 2, 1]
     assert all(isinstance(s, ImageSample) for b in batches for s in b)
-    assert [s.image_id for b in batches for s in b] == [e.image_id for e in dataset.entries]
+    assert [s.image_id for b in batches for s in b] == [e.image_id for e in dm.dataset.entries]
     limited = ReferDataModule(str(root), batch_size=3, limit=4)
     assert [len(b) for b in limited.predict_dataloader()] == [3, 1]
-    assert collate_samples(batches[0]) == batches[0]
 
 
 def test_trainer_predict(toy) -> None:
@@ -332,16 +327,3 @@ def test_batches_pin_every_tensor_of_a_sample(toy, monkeypatch) -> None:
     assert torch.equal(out.targets, sample.targets) and out.expressions == sample.expressions
     assert isinstance(out.prepared["proposals:x"], Proposals)
 
-
-def test_pins_only_for_a_cuda_trainer(toy) -> None:
-    from types import SimpleNamespace
-
-    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
-
-    root, _, _ = toy
-    dm = ReferDataModule(root, split="val", limit=1)
-    assert dm.predict_dataloader().pin_memory is False  # no trainer
-    dm.trainer = SimpleNamespace(accelerator=CPUAccelerator())
-    assert dm.predict_dataloader().pin_memory is False
-    dm.trainer = SimpleNamespace(accelerator=CUDAAccelerator())
-    assert dm.predict_dataloader().pin_memory is True
