@@ -153,18 +153,11 @@ def peak_memory(device: str) -> Iterator[dict]:
         out["peak"] = f"{max(peak[0], rss()) / 2**30:.2f} GiB RSS"
 
 
-def _clear_caches(model: CoPatch) -> None:
-    """Every mode starts cold: no cached text embeddings, no cached parses."""
-    model.text_cache.clear()
-    model.gem_text_cache.clear()
-    model._parser = model.parser.parser  # a fresh (empty) parse cache around the same loaded parser
-
-
 def run_copatch(model: CoPatch, samples: list[ImageSample], args: argparse.Namespace, precision: str) -> dict:
     trainer = Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=precision,
                       logger=False, enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=tempfile.mkdtemp())
-    _clear_caches(model)
+    model.clear_caches()  # every mode starts cold
     dm = ListDataModule(samples, args.batch_size, args.workers)
     with peak_memory(args.device) as memory:
         start = time.perf_counter()
@@ -178,7 +171,7 @@ def run_copatch(model: CoPatch, samples: list[ImageSample], args: argparse.Names
 def run_reference(model: CoPatch, samples: list[ImageSample], args: argparse.Namespace) -> dict:
     """The reference loop's structure, on the module's own stages (fp32, batch 1, nothing cached)."""
     model = model.to(args.device).eval()
-    _clear_caches(model)
+    model.clear_caches()  # every mode starts cold
     picks = {}
     with peak_memory(args.device) as memory:
         start = time.perf_counter()
@@ -220,7 +213,7 @@ def _loop_ious_and_sc(model: CoPatch, masks: torch.Tensor, clusters: torch.Tenso
 
 
 def _reference_loop(model: CoPatch, samples: list[ImageSample], args: argparse.Namespace, picks: dict) -> None:
-    from copatch.gem import gem_heatmaps, gem_patch_features, gem_transform
+    from copatch.gem import gem_heatmaps, gem_patch_features
 
     for sample in samples:
         sample = dataclasses.replace(sample, image=sample.image.to(args.device))
@@ -235,13 +228,11 @@ def _reference_loop(model: CoPatch, samples: list[ImageSample], args: argparse.N
                 one = dataclasses.replace(sample, expressions=[expr], targets=None)
                 for _ in range(4):  # the reference parses each sentence about eight times, uncached
                     parsed = model.parser.parser.parse([expr.text])
-                model.text_cache.clear()
-                model.gem_text_cache.clear()
+                model.clear_caches()  # text encoded unbatched and uncached, per sentence
                 texts = model.encode_text(parsed)
                 if feats is not None and model.switches.spatial_guidance:  # GEM again, per sentence
-                    gem = model.gem_backbone
-                    pixels = gem_transform(sample.image, model.hparams.gem_size, gem.clip_mean, gem.clip_std)
-                    feats.gem_patches = gem_patch_features(gem.model, pixels[None].to(args.device),
+                    pixels = model.gem_input()(sample)
+                    feats.gem_patches = gem_patch_features(model.gem_backbone.model, pixels[None].to(args.device),
                                                            model.hparams.gem_depth)[0]
                 (pred,) = model.expression_side(one, masks, feats, parsed, texts)
                 if feats is not None:

@@ -570,6 +570,14 @@ class CoPatch(pl.LightningModule):
             p.mask = p.mask.cpu()
         return preds
 
+    def clear_caches(self) -> None:
+        """Forget the cached text embeddings and the parses held in memory (not those on disk): the
+        next image starts cold, as in a new process. Results do not change."""
+        self.text_cache.clear()
+        self.gem_text_cache.clear()
+        if isinstance(self._parser, CachedParser):
+            self._parser.clear()
+
     def _encoder_precision(self) -> Any:
         """The context the encoders run in: the host's autocast when one is on; an autocast of the
         weights' dtype when they are half precision (a host's `bf16-true`); else none. The text

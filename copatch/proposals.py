@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from copatch.masks import decode_rle, encode_rle, pack_masks, unpack_masks
+from copatch.prepare import find_prepared
 from copatch.types import ImageSample
 
 
@@ -131,7 +132,7 @@ class StoredProposals:
 
     def __call__(self, sample: ImageSample) -> Proposals:
         """The sample's proposals: decoded in a DataLoader worker (`input_step`) if they were, else now."""
-        ready = sample.prepared.get(StoredProposalsInput(self).key(sample.size))
+        ready = find_prepared(sample, StoredProposalsInput(self))
         if isinstance(ready, PackedProposals):
             return ready.unpack()
         return self.load(sample.image_id, size=sample.size)

@@ -27,7 +27,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from copatch.datamodules.base import SampleDataModule, collate_samples, make_collate  # noqa: F401 (re-exported)
+from copatch.datamodules.base import SampleDataModule
 from copatch.types import Expression, ImageSample
 
 log = logging.getLogger("copatch")

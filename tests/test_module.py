@@ -198,3 +198,16 @@ def test_parses_are_cached_across_runs(tiny_config, toy_root, tmp_path):
     assert [p.extras["noun_phrase"] for p in again_preds] == [p.extras["noun_phrase"] for p in preds]
     # The cache folder does not change what the run computes, so it is not part of its fingerprint.
     assert again.fingerprint()["hparams"] == _model(tiny_config).fingerprint()["hparams"]
+
+
+def test_clear_caches_starts_cold_and_changes_nothing(tiny_config, toy_root, tmp_path):
+    model = _model(tiny_config)
+    dm = ReferDataModule(str(toy_root), split="val", batch_size=2, limit=2)
+    first = [p for b in _trainer(tmp_path).predict(model, datamodule=dm) for p in b]
+    assert len(model.text_cache) > 0 and model.parser.misses > 0
+    model.clear_caches()
+    assert len(model.text_cache) == 0 and len(model.gem_text_cache) == 0
+    assert (model.parser.hits, model.parser.misses) == (0, 0)
+    again = [p for b in _trainer(tmp_path).predict(model, datamodule=dm) for p in b]
+    assert model.parser.misses == len({p.text for p in first})
+    assert [p.candidate_scores for p in again] == [p.candidate_scores for p in first]

@@ -10,7 +10,8 @@ from lightning.pytorch import Trainer
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from copatch.datamodules.refer import ReferDataModule, ReferDataset, collate_samples
+from copatch.datamodules.base import collate_samples
+from copatch.datamodules.refer import ReferDataModule, ReferDataset
 from copatch.gem import GemInput
 from copatch.mask2former import Mask2FormerInput
 from copatch.module import CoPatch

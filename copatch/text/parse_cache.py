@@ -32,6 +32,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from copatch.prepare import find_prepared
 from copatch.text import parsing
 from copatch.text.parsing import (
     ExpressionParser,
@@ -74,6 +75,12 @@ class CachedParser:
         self._write_failed = False  # after a failed write (full disk, read-only folder) no more are tried
         # Own files already checked for a torn last line (the path changes with the pid after fork).
         self._checked_files: set[Path] = set()
+
+    def clear(self) -> None:
+        """Forget the parses held in memory and the counters (the disk cache is read again on next use)."""
+        self._memory.clear()
+        self._disk_loaded = False
+        self.hits = self.misses = 0
 
     # ------------------------------------------------------------------------------- identity
     @property
@@ -197,7 +204,7 @@ class ParseInput:
 
     def lookup(self, sample: Any) -> list[ParsedExpression] | None:
         """The parses of `sample.expressions` made in a worker, in order, or None if any is missing."""
-        found = sample.prepared.get(self.key(sample.size))
+        found = find_prepared(sample, self)
         if not isinstance(found, dict) or any(e.text not in found for e in sample.expressions):
             return None
         return [ParsedExpression(**{k: tuple(v) if k in _TUPLE_FIELDS else v for k, v in found[e.text].items()})

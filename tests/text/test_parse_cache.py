@@ -245,3 +245,13 @@ def test_a_subclass_has_its_own_identity_with_its_bases_versions(spacy_parser):
     base, sub = CachedParser(spacy_parser).identity, CachedParser(tweaked).identity
     assert sub != base and "Tweaked" in sub
     assert base.split("|", 1)[1] == sub.split("|", 1)[1]  # same model, versions and rules hash
+
+
+def test_clear_forgets_memory_and_counters(spacy_parser, expected):
+    spy, calls = spied(spacy_parser)
+    cached = CachedParser(spy)
+    cached.parse(UNIQUE[:2])
+    cached.clear()
+    assert (cached.hits, cached.misses) == (0, 0)
+    assert cached.parse(UNIQUE[:2]) == [expected[t] for t in UNIQUE[:2]]
+    assert calls == [UNIQUE[:2], UNIQUE[:2]]  # parsed again after clear()
