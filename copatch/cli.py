@@ -1,70 +1,76 @@
-"""The `copatch` command: a LightningCLI limited to `predict` (CoPatch has nothing to train), plus
-`copatch evaluate OUTPUT_DIR`, which recomputes a run's metrics from its prediction files.
+"""The `copatch` command: dispatches to one module per command (`copatch/commands/<name>.py`).
 
-    copatch predict --config configs/toy.yaml
-    copatch predict --config configs/model/vitb16.yaml --config configs/data/refcoco.yaml \
-        --config configs/trainer/gpu.yaml --model.clip_pretrained /weights/vitb16-openai.bin
-    copatch evaluate outputs/toy [--ground-truth]
+    copatch --help                       # every command with its one-line help
+    copatch predict --config configs/demo.yaml
+    copatch evaluate outputs/demo [--ground-truth]
+    copatch <command> --help
 
-Several `--config` files compose (later ones override earlier ones); `--print_config` shows the result.
-Rerunning a `predict` command with the same `--trainer.default_root_dir` resumes it.
+A known user error (missing weights or stanza resources, a config file that does not exist, an unknown
+option, an output dir that cannot be written, ...) prints `copatch: error: <message>` in a few lines and
+exits non-zero; `--debug` (anywhere) or `COPATCH_DEBUG=1` shows the traceback instead. The dispatcher
+imports nothing heavy, so `copatch --help` is fast; a command loads torch and Lightning when it runs.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
+from typing import Any
+
+from copatch import commands
+from copatch.commands.errors import EXIT_USAGE, run_command
 
 # Nothing may reach a model hub at run time; huggingface_hub reads this when it is first imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lightning.pytorch import LightningDataModule  # noqa: E402
-from lightning.pytorch.cli import ArgsType, LightningCLI  # noqa: E402
-
-from copatch.module import CoPatch  # noqa: E402
-
-DESCRIPTION = (
-    "Zero-shot referring image segmentation with CoPatch. Subcommands: `copatch predict --config FILE ...` runs "
-    "the model (rerun it with the same --trainer.default_root_dir to resume an interrupted run); "
-    "`copatch evaluate OUTPUT_DIR [--ground-truth]` recomputes the metrics of a run from its prediction files "
-    "(`copatch evaluate --help`)."
-)
+PROG = "copatch"
 
 
-class CoPatchCLI(LightningCLI):
-    """LightningCLI with only the `predict` subcommand."""
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {"predict": {"model", "dataloaders", "datamodule"}}
-
-
-def build_cli(args: ArgsType = None) -> CoPatchCLI:
-    """Parse `args` (default: `sys.argv`) and run the subcommand; returns the CLI for inspection."""
-    return CoPatchCLI(CoPatch, LightningDataModule, subclass_mode_data=True, seed_everything_default=0,
-                      save_config_kwargs={"overwrite": True}, parser_kwargs={"description": DESCRIPTION},
-                      args=args)
+def usage() -> str:
+    """`copatch --help`: every command with its one-line help."""
+    names = commands.available()
+    width = max(len(n) for n in names)
+    lines = [f"usage: {PROG} <command> [options]   ({PROG} <command> --help for its options)", "",
+             "Zero-shot referring image segmentation with CoPatch.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {commands.help_line(name)}" for name in names]
+    lines += ["", "options:", "  -h, --help  this list", "  --debug     show the traceback of an error "
+              "(or set COPATCH_DEBUG=1)"]
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `copatch` console script. `evaluate` is dispatched before LightningCLI parses
-    (it is not a Trainer method); everything else goes to LightningCLI."""
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `copatch` console script; returns the exit status (the console script exits with it)."""
     args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] == "evaluate":
-        from copatch.evaluate import main as evaluate
+    words = [a for a in args if a != "--debug"]
+    if not words or words[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if words else EXIT_USAGE
+    name = words[0]
+    if name not in commands.available():
+        near = difflib.get_close_matches(name, commands.available(), n=1)
+        hint = f": did you mean {near[0]}?" if near else "."
+        print(f"{PROG}: error: unknown command {name!r}{hint} Commands: {', '.join(commands.available())} "
+              f"({PROG} --help).", file=sys.stderr)
+        return EXIT_USAGE
+    rest = args[args.index(name) + 1:] + (["--debug"] if "--debug" in args[:args.index(name)] else [])
+    module = commands.load(name)
+    try:
+        return run_command(module.main, rest, prog=PROG)
+    except SystemExit as done:  # argparse's --help (0) or usage error (2)
+        code = done.code
+        if code is None or isinstance(code, int):
+            return code or 0
+        print(code, file=sys.stderr)
+        return 1
 
-        status = evaluate(args[1:])
-        if status:
-            sys.exit(status)
-        return
-    build_cli(argv)  # None: LightningCLI reads sys.argv itself
-    # Leaving a gloo process group to the interpreter's exit can abort the process ("terminate called
-    # without an active exception") after every result is written; close it explicitly.
-    import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def __getattr__(name: str) -> Any:
+    # `copatch.cli.build_cli` / `CoPatchCLI`, as before the commands got modules of their own.
+    if name in ("build_cli", "CoPatchCLI"):
+        return getattr(commands.load("predict"), name)
+    raise AttributeError(f"module 'copatch.cli' has no attribute {name!r}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,10 +2,13 @@
 
 Reference behaviour (method-notes a.6, a.7, g.1, g.2), all the default:
 - The similarity normalises the patch embeddings over the *patch* axis, not the channel axis
-  (`similarity_norm="patches"`), multiplies by CLIP's logit scale (the float32 of exp(ln 100)) and
-  compares `S / 100` with the threshold, all in float32.
-- Patches are visited in descending score, ties to the lower flat index, and only the first
-  `G*G - 1` of them (the reference builds consecutive pairs, so the last patch is never visited).
+  (`similarity_norm="patches"`) and multiplies by CLIP's logit scale (the float32 of exp(ln 100)):
+  the logit-scale scores `S`, all in float32.
+- Patches are visited in descending `S` (the logit-scale scores, not `S / 100`: in float32 the
+  division maps about 13% of neighbouring values between 10 and 40 onto one value, and such a tie
+  would go to the lower index instead of the larger `S`), ties to the lower flat index, and only the
+  first `G*G - 1` of them (the reference builds consecutive pairs, so the last patch is never visited).
+- The thresholds are compared with `S / 100` (float32 division, as the reference).
 - The threshold starts at `delta - 0.05` and steps down by 0.05 in float64 (0.25, 0.2,
   0.15000000000000002, ...) until at least one patch is clustered; it may go negative.
 - Greedy growth: the walk stops at the first patch with score <= threshold; each visited patch takes
@@ -58,7 +61,10 @@ class Clusters:
 
 
 def similarity_map(patches: torch.Tensor, text: torch.Tensor, norm: str = "patches") -> torch.Tensor:
-    """Patch-text scores `S / 100`.
+    """Logit-scale patch-text scores `S` (100 x the similarity; `cluster_patches` divides by 100).
+
+    The order of operations is the reference's, `(scale * p) @ t.T`, so the float32 values (and with
+    them the visit order and the ties) are the same.
 
     Args:
         patches: `[P, D]` exit-layer patch embeddings of one image.
@@ -66,17 +72,20 @@ def similarity_map(patches: torch.Tensor, text: torch.Tensor, norm: str = "patch
         norm: "patches" (reference: unit norm per channel over the P patches) or "channels" (cosine).
 
     Returns:
-        `[E, P] float32`.
+        `[E, P] float32` logit-scale scores.
     """
     patches, text = patches.float(), text.float()
     dim = 0 if norm == "patches" else 1
     p = patches / patches.norm(dim=dim, keepdim=True)
     t = text / text.norm(dim=1, keepdim=True)
-    return ((REFERENCE_LOGIT_SCALE * p) @ t.T).T / 100.0
+    return ((REFERENCE_LOGIT_SCALE * p) @ t.T).T
 
 
 def visit_order(score: torch.Tensor) -> np.ndarray:
-    """Flat patch indices by descending score, ties to the lower index (a stable sort)."""
+    """Flat patch indices by descending score, ties to the lower index (a stable sort).
+
+    Pass the logit-scale `S`, as the reference sorts: sorting `S / 100` would merge float32 neighbours.
+    """
     return torch.sort(score.detach().cpu(), descending=True, stable=True).indices.numpy()
 
 
@@ -144,14 +153,17 @@ def cluster_patches(score: torch.Tensor, grid: int, delta: float, *, method: str
     """Cluster one expression's similarity map.
 
     Args:
-        score: `[G*G]` float32 scores (`similarity_map` row).
+        score: `[G*G]` float32 logit-scale scores `S` (a `similarity_map` row). The patches are
+            visited in descending `S`; the thresholds are compared with `S / 100`.
         grid: G.
-        delta: the cluster threshold (0.3 for ViT-B/16).
+        delta: the cluster threshold on the `S / 100` scale (0.3 for ViT-B/16).
         method: "greedy" (reference) or "bfs".
         order_by: "python_set" (reference) or "seed_score" (ids ascending = by best patch).
         first_threshold: "delta_minus_step" (reference: try delta - 0.05 first) or "delta".
     """
-    values = score.detach().float().cpu().numpy()
+    score = score.detach().float().cpu()
+    # The reference sorts S but compares `S / 100` (a float32 division) with the threshold.
+    values = (score / 100).numpy()
     order = visit_order(score)
     label_fn = greedy_labels if method == "greedy" else bfs_labels
     threshold = delta if first_threshold == "delta" else delta - THRESHOLD_STEP

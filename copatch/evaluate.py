@@ -3,13 +3,18 @@
 Every prediction line carries the pixel counts of its chosen mask against the ground truth
 (`inter` = |P & G|, `union` = |P | G|) and those of the top-k oracle, so the metrics follow exactly
 from the lines, whatever the number of ranks or interruptions that wrote them: the lines of all
-`predictions.rank*.jsonl` are read (a torn last line is dropped), deduplicated by expression id, put
-in id order and summed with `RISMetric.update_counts`. This is also how a run that writes
-predictions makes its `metrics.json`, so a resumed run reports the metrics of all its expressions.
+`predictions.rank*.jsonl` are read (a torn last line is dropped), reduced to the final line of each
+expression (`copatch.run_state.final_lines`), put in id order and summed with
+`RISMetric.update_counts`. This is also how a run that writes predictions makes its `metrics.json`,
+so a resumed run reports the metrics of all its expressions.
 
 With `--ground-truth` the counts are not trusted: each line's mask (COCO RLE) is decoded and
 compared with the dataset's ground truth, the dataset being rebuilt from the run's `run.json`; lines
 whose counts disagree and expressions of the split without a line are reported.
+
+`failures.jsonl` lists exactly the final lines that failed (the number `metrics.json` gives as
+`failures`). The prediction files are only read here, never compacted: a run may be appending to them.
+The metrics are printed to stdout, as at the end of `copatch predict`.
 
     copatch evaluate outputs/refcoco-val
     copatch evaluate outputs/refcoco-val --ground-truth
@@ -32,7 +37,7 @@ import torch
 
 from copatch.failures import failure_line, summary
 from copatch.metrics import RISMetric
-from copatch.run_state import (FAILURES_FILE, METRICS_FILE, atomic_write_text, id_key, latest_predictions,
+from copatch.run_state import (FAILURES_FILE, METRICS_FILE, atomic_write_text, final_lines, id_key,
                                prediction_files, read_predictions, read_run)
 
 
@@ -53,6 +58,7 @@ class Evaluation:
     failures: list[dict[str, Any]]
     mismatches: list[str] = field(default_factory=list)
     missing: list[Any] = field(default_factory=list)
+    oracle: bool = False  # the proposals were the ground truth's own masks (GroundTruthProposals)
 
 
 def _order(record: dict[str, Any]) -> tuple[int, Any]:
@@ -78,10 +84,26 @@ def metrics_from_lines(lines: list[dict[str, Any]]) -> dict[str, float]:
     return results
 
 
-def format_results(results: dict[str, float]) -> str:
-    """A small text table of the metrics."""
+ORACLE_LABEL = "ORACLE (ground-truth proposals: the dataset's own masks; not CoPatch's score)"
+
+
+def is_oracle_setup(setup: dict[str, Any] | None) -> bool:
+    """Whether a run's `setup` (`CoPatch.describe()`, or the fingerprint in run.json) used the oracle
+    proposer `GroundTruthProposals`."""
+    if not setup:
+        return False
+    if "oracle" in setup:
+        return bool(setup["oracle"])
+    proposer = setup.get("proposer")
+    name = proposer.get("class", "") if isinstance(proposer, dict) else str(proposer or "")
+    return name.rsplit(".", 1)[-1] == "GroundTruthProposals"
+
+
+def format_results(results: dict[str, float], oracle: bool = False) -> str:
+    """A small text table of the metrics; `oracle` puts the oracle label in its title line."""
     rows = [f"{k:>12}  {v:8.2f}" if k != "n" else f"{k:>12}  {int(v):8d}" for k, v in results.items()]
-    return "CoPatch results\n" + "\n".join(rows)
+    title = f"CoPatch results, {ORACLE_LABEL}" if oracle else "CoPatch results"
+    return title + "\n" + "\n".join(rows)
 
 
 def evaluate_run(root: str | os.PathLike, setup: dict[str, Any] | None = None, write: bool = True,
@@ -99,7 +121,7 @@ def evaluate_run(root: str | os.PathLike, setup: dict[str, Any] | None = None, w
         raise FileNotFoundError(f"no predictions.rank*.jsonl in {root}: give the output dir of a `copatch predict` "
                                 "run (its --trainer.default_root_dir) that used the PredictionWriter callback.")
     run = read_run(root)
-    records = sorted(latest_predictions(read_predictions(root)).values(), key=_order)
+    records = sorted(final_lines(read_predictions(root)).values(), key=_order)
     mismatches: list[str] = []
     missing: list[Any] = []
     if ground_truth:
@@ -109,7 +131,8 @@ def evaluate_run(root: str | os.PathLike, setup: dict[str, Any] | None = None, w
     if write:
         if metrics:
             if setup is None:
-                setup = (run or {}).get("fingerprint", {})
+                setup = dict((run or {}).get("fingerprint", {}))
+                setup["oracle"] = is_oracle_setup(setup)
             atomic_write_text(root / METRICS_FILE, json.dumps(
                 {"metrics": metrics, "setup": setup, "expressions": len(records), "failures": len(failures)},
                 indent=2) + "\n")
@@ -117,7 +140,8 @@ def evaluate_run(root: str | os.PathLike, setup: dict[str, Any] | None = None, w
             atomic_write_text(root / FAILURES_FILE, "".join(json.dumps(f) + "\n" for f in failures))
         elif (root / FAILURES_FILE).exists():  # all earlier failures were retried successfully
             (root / FAILURES_FILE).unlink()
-    return Evaluation(metrics, len(records), failures, mismatches, missing)
+    oracle = is_oracle_setup(setup if setup is not None else (run or {}).get("fingerprint"))
+    return Evaluation(metrics, len(records), failures, mismatches, missing, oracle)
 
 
 @contextlib.contextmanager
@@ -188,7 +212,7 @@ def report(evaluation: Evaluation, root: str | os.PathLike) -> str:
     """The text printed at the end of a run and by `copatch evaluate`."""
     parts = []
     if evaluation.metrics:
-        parts.append(format_results(evaluation.metrics))
+        parts.append(format_results(evaluation.metrics, oracle=evaluation.oracle))
     else:
         parts.append(f"{evaluation.expressions} expressions written; no ground truth, so no metrics.")
     text = summary(evaluation.failures, evaluation.expressions, str(Path(root) / FAILURES_FILE))

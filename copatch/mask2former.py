@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -43,7 +42,9 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from copatch.proposals import Proposals, StoredProposals
+from copatch.errors import UserFileNotFound, UserValueError, knob
+from copatch.proposal_cache import ProposalCache
+from copatch.proposals import Proposals
 from copatch.types import ImageSample
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,8 +72,6 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-# Written into `cache_dir` so masks made with other settings are never silently reused.
-SETTINGS_FILE = "_mask2former_settings.json"
 # Float32 elements of one upsampled logit chunk (~256 MiB): bounds post-processing memory.
 _UPSAMPLE_BUDGET = 2**26
 
@@ -94,30 +93,82 @@ def _import_transformers() -> Any:
     return transformers
 
 
-def _missing_model_message(path: Path, problem: str) -> str:
+def _fetch_advice(path: Path) -> str:
+    """What to put in the model folder `path`, and the command that fetches it."""
+    from copatch.downloads import fetch_hint  # the one table of what to fetch and how
+
     return (
-        f"Mask2Former model folder {path}: {problem}. Put the files of the Hugging Face repo "
-        f"{REFERENCE_CHECKPOINT} there ({_CONFIG_FILE} and model.safetensors, or pytorch_model.bin)"
-        ", e.g. on a machine with internet access run "
-        f"`hf download {REFERENCE_CHECKPOINT} --local-dir {path}` "
-        f"(older huggingface_hub: `huggingface-cli download {REFERENCE_CHECKPOINT} --local-dir "
-        f"{path}`) and copy the folder here. Nothing is downloaded at run time."
+        f"Put the files of the Hugging Face repo {REFERENCE_CHECKPOINT} in {path} ({_CONFIG_FILE} "
+        "and model.safetensors, or pytorch_model.bin). "
+        + fetch_hint("mask2former", destination=str(path))
     )
 
 
+def _missing_model_message(path: Path, problem: str) -> str:
+    return f"Mask2Former model folder {path}: {problem}. " + _fetch_advice(path)
+
+
 def check_model_dir(model_dir: str | os.PathLike) -> Path:
-    """The folder as a `Path` if it holds `config.json` and weights, else FileNotFoundError."""
+    """The folder as a `Path` if it holds `config.json` and weights, else `UserFileNotFound`.
+
+    A `model.safetensors` there is checked for truncation too (`check_safetensors`, cheap: it reads
+    the header only), so that a partly fetched file is named before the slow load.
+    """
     path = Path(model_dir).expanduser()
     if not path.is_dir():
         problem = "is not a folder" if path.exists() else "does not exist"
-        raise FileNotFoundError(_missing_model_message(path, problem))
+        raise UserFileNotFound(_missing_model_message(path, problem))
     if not (path / _CONFIG_FILE).is_file():
-        raise FileNotFoundError(_missing_model_message(path, f"has no {_CONFIG_FILE}"))
+        raise UserFileNotFound(_missing_model_message(path, f"has no {_CONFIG_FILE}"))
     if not any((path / name).is_file() for name in _WEIGHT_FILES):
-        raise FileNotFoundError(
+        raise UserFileNotFound(
             _missing_model_message(path, f"has no weights (none of {', '.join(_WEIGHT_FILES)})")
         )
+    if (path / "model.safetensors").is_file():
+        check_safetensors(path / "model.safetensors")
     return path
+
+
+def _corrupt_weights_message(file: Path, problem: str, maybe_other: bool = False) -> str:
+    from copatch.downloads import fetch_hint
+
+    other = ", or does not belong to the config.json beside it" if maybe_other else ""
+    return (
+        f"Mask2Former weights {file} are unreadable ({problem}): the file is truncated or corrupt "
+        f"(an interrupted download or copy){other}; delete it and fetch it again. "
+        + fetch_hint("mask2former", destination=str(file.parent))
+    )
+
+
+def check_safetensors(file: Path) -> None:
+    """Refuse a `.safetensors` file whose header is unreadable or whose size is not what it says.
+
+    The format is an 8-byte little-endian header length, a JSON header giving every tensor's
+    `data_offsets`, then the data; a complete file is exactly `8 + header + max(end offset)` bytes.
+    Raises `UserValueError` naming the file and the fix.
+    """
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UserValueError(_corrupt_weights_message(
+                    file, f"{size} bytes, less than the 8-byte header length"))
+            header_len = int.from_bytes(head, "little")
+            if 8 + header_len > size:
+                raise UserValueError(_corrupt_weights_message(
+                    file, f"its header alone should be {header_len} bytes, the file has {size}"))
+            header = json.loads(f.read(header_len))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except UserValueError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as err:
+        raise UserValueError(_corrupt_weights_message(file, f"bad header: {err}")) from err
+    expected = 8 + header_len + max(ends, default=0)
+    if size != expected:
+        raise UserValueError(_corrupt_weights_message(
+            file, f"it has {size} bytes where its header says {expected}"
+        ))
 
 
 def resize_shortest_edge_size(
@@ -180,7 +231,10 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     if key not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(set(_DTYPES))} (or None)")
+        raise UserValueError(
+            f"{knob('proposer.init_args.dtype')} {dtype!r} is not one of {sorted(set(_DTYPES))} "
+            "(or null)"
+        )
     return _DTYPES[key]
 
 
@@ -191,8 +245,12 @@ class Mask2FormerProposer(nn.Module):
         model_dir: local folder with the Hugging Face checkpoint (`config.json` + weights), the
             reference being `facebook/mask2former-swin-large-coco-panoptic` (200 queries). Loaded
             with `local_files_only=True`.
-        cache_dir: if given, proposals are stored there per image (`StoredProposals` format) and a
-            later call for an image id found there loads them instead of running the model.
+        cache_dir: if given, proposals are cached there (`copatch.proposal_cache.ProposalCache`:
+            `<cache_dir>/<settings digest>/<image_id>.json`, stored-proposal format) and a later
+            call for the same image (same id *and* same pixels) with the same settings loads them
+            instead of running the model. An entry of another image with that id (datasets whose
+            ids collide) is not used: recomputed and overwritten, with a warning. A cache_dir of
+            the old layout (no content hash) is refused.
         threshold: a pixel is in a mask when `sigmoid(logit) > threshold` (reference: 0.35).
         config: a `transformers.Mask2FormerConfig` to build a randomly initialised model instead
             of loading `model_dir` (tests); exactly one of `model_dir` / `config`.
@@ -237,14 +295,20 @@ class Mask2FormerProposer(nn.Module):
                 "`config` (a transformers.Mask2FormerConfig for a random-weight model)"
             )
         if not 0.0 <= threshold < 1.0:
-            raise ValueError(f"threshold={threshold} must be in [0, 1): a sigmoid probability")
+            raise UserValueError(
+                f"{knob('proposer.init_args.threshold')} {threshold} is not in [0, 1): it is a "
+                "sigmoid probability (reference: 0.35)"
+            )
         if min_size <= 0 or max_size < min_size or size_divisibility < 1:
-            raise ValueError(
+            raise UserValueError(
                 f"need 0 < min_size <= max_size and size_divisibility >= 1, got min_size={min_size}"
                 f", max_size={max_size}, size_divisibility={size_divisibility}"
             )
         if batching not in ("same_size", "largest"):
-            raise ValueError(f"batching must be 'same_size' or 'largest', got {batching!r}")
+            raise UserValueError(
+                f"{knob('proposer.init_args.batching')} must be 'same_size' or 'largest', got "
+                f"{batching!r}"
+            )
         self.forward_dtype = _parse_dtype(dtype)  # before the (slow) load: fail fast
         self.model_dir = None if model_dir is None else check_model_dir(model_dir)
         transformers = _import_transformers()
@@ -257,14 +321,15 @@ class Mask2FormerProposer(nn.Module):
         self.model.requires_grad_(False)
 
         self.cache_dir = None if cache_dir is None else Path(cache_dir).expanduser()
-        self.store = None if self.cache_dir is None else StoredProposals(self.cache_dir)
-        self._settings_checked = False
         self.threshold = float(threshold)
         self.return_scores = bool(scores)
         self.min_size = int(min_size)
         self.max_size = int(max_size)
         self.size_divisibility = int(size_divisibility)
         self.batching = batching
+        # Keyed by settings, image id and image content (copatch.proposal_cache); refuses a cache_dir
+        # of the old layout (entries without a content hash) here, at construction.
+        self.cache = None if self.cache_dir is None else ProposalCache(self.cache_dir, self.settings())
         # Non-persistent buffers: they follow `.to(device)` but stay out of checkpoints.
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(3, 1, 1), persistent=False)
@@ -282,15 +347,28 @@ class Mask2FormerProposer(nn.Module):
                 "model_type"
             )
         except (OSError, ValueError, AttributeError) as err:
-            raise ValueError(f"cannot read {path / _CONFIG_FILE}: {err}") from err
+            raise UserValueError(
+                f"cannot read {path / _CONFIG_FILE}: {err}. "
+                + _fetch_advice(path)
+            ) from err
         if model_type != "mask2former":
-            raise ValueError(
+            raise UserValueError(
                 f"{path / _CONFIG_FILE} describes a {model_type!r} model, not 'mask2former': "
                 + _missing_model_message(path, "holds another model")
             )
-        model = transformers.Mask2FormerForUniversalSegmentation.from_pretrained(
-            str(path), local_files_only=True
-        )
+        try:
+            model = transformers.Mask2FormerForUniversalSegmentation.from_pretrained(
+                str(path), local_files_only=True
+            )
+        except Exception as err:  # safetensors / torch / transformers each raise their own types
+            # A weights file that passed `check_model_dir` but still cannot be read: name it (the
+            # libraries' messages, e.g. "Error while deserializing header", do not).
+            weights = next((path / n for n in _WEIGHT_FILES if (path / n).is_file()), path)
+            # First line only: torch's unpickling errors run to a dozen lines of advice.
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise UserValueError(
+                _corrupt_weights_message(weights, f"{type(err).__name__}: {first}", maybe_other=True)
+            ) from err
         if model.config.num_queries != REFERENCE_NUM_QUERIES:
             warnings.warn(
                 f"the Mask2Former in {path} has {model.config.num_queries} queries; the reference "
@@ -377,20 +455,20 @@ class Mask2FormerProposer(nn.Module):
 
         results: list[Proposals | None] = [None] * len(images)
         todo = list(range(len(images)))
-        if self.store is not None and image_ids is not None:
-            self._check_cache_settings()
+        if self.cache is not None and image_ids is not None:
             todo = []
             for i, (image, image_id) in enumerate(zip(images, image_ids)):
-                if self.store.exists(image_id):
-                    loaded = self.store.load(image_id, size=tuple(image.shape[-2:]))
+                # None on a miss, and for an entry made from another image with this id.
+                loaded = self.cache.load(image_id, image)
+                if loaded is not None:
                     results[i] = self._to(loaded, image.device)
                 else:
                     todo.append(i)
         for group in self._groups(images, todo):
             computed = self._run([images[i] for i in group], [resized[i] for i in group])
             for i, proposals in zip(group, computed):
-                if self.store is not None and image_ids is not None:
-                    self.store.write(image_ids[i], proposals)
+                if self.cache is not None and image_ids is not None:
+                    self.cache.save(image_ids[i], images[i], proposals)
                 results[i] = self._to(proposals, images[i].device)
         return results  # type: ignore[return-value]
 
@@ -503,10 +581,22 @@ class Mask2FormerProposer(nn.Module):
         return Proposals(masks=proposals.masks.to(device), scores=scores)
 
     def settings(self) -> dict[str, Any]:
-        """What determines the masks, recorded in `cache_dir` next to the stored proposals."""
+        """What determines the masks besides the image: the cache's key (`copatch.proposal_cache`).
+
+        The model enters through its architecture (queries, classes, backbone), not its weights:
+        two checkpoints of one architecture need two `cache_dir`s.
+        """
+        config = self.model.config
+        backbone = getattr(config, "backbone_config", None)
         return {
             "generator": "mask2former",
             "num_queries": self.num_queries,
+            "num_labels": int(getattr(config, "num_labels", 0)),
+            "backbone": None if backbone is None else {
+                "model_type": getattr(backbone, "model_type", None),
+                "embed_dim": getattr(backbone, "embed_dim", None),
+                "depths": list(getattr(backbone, "depths", []) or []),
+            },
             "threshold": self.threshold,
             "min_size": self.min_size,
             "max_size": self.max_size,
@@ -514,37 +604,3 @@ class Mask2FormerProposer(nn.Module):
             "batching": self.batching,
             "dtype": str(self.forward_dtype or torch.float32).removeprefix("torch."),
         }
-
-    def _check_cache_settings(self) -> None:
-        """Refuse a cache written with other settings; record ours in a fresh one."""
-        if self._settings_checked or self.cache_dir is None:
-            return
-        path = self.cache_dir / SETTINGS_FILE
-        ours = self.settings()
-        if path.is_file():
-            try:
-                theirs = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as err:
-                raise ValueError(f"cannot read the proposal cache settings {path}: {err}") from err
-            # Caches written before `batching` existed were made one image at a time (the module
-            # called the proposer per image), which is what "same_size" gives.
-            theirs.setdefault("batching", "same_size")
-            if theirs != ours:
-                diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
-                raise ValueError(
-                    f"the proposal cache {self.cache_dir} was made with other settings "
-                    f"(cached vs now: {diff}); its masks would not match. Use another cache_dir, "
-                    f"or delete {self.cache_dir} to recompute."
-                )
-        else:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{SETTINGS_FILE}.")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(ours, f, indent=1)
-                os.replace(tmp, path)  # atomic: concurrent ranks write the same content
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-        self._settings_checked = True

@@ -35,6 +35,37 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class Switches:
+    """Reference-vs-paper behaviour and ablations; the defaults are the released code (module docstring).
+
+    Attributes:
+        input_norm: mean/std that normalise CLIP inputs: imagenet (reference) or clip (paper).
+        crop_fill: what fills the outside of a masked crop: raw_mean_values (reference) or mean_colour (paper).
+        mask_feature_mix: raw (reference) or normalized (paper: L2-normalise global and local embeddings
+            before the v-mix).
+        similarity_norm: patch-text similarity normalised over the patch axis (patches, reference) or a
+            true cosine (channels, paper).
+        clustering: CoMap clusters by greedy non-merging 8-neighbour growth (reference) or BFS connected
+            components (paper).
+        first_threshold: first cluster threshold tried: delta - 0.05 (delta_minus_step, reference) or delta.
+        cluster_order: cluster order: Python set order of ids (python_set, reference) or by best patch
+            (seed_score, paper).
+        cluster_binarize: a soft upsampled cluster is > 0 (positive, reference) or > 0.5 (half, paper) for
+            its IoU with the proposals.
+        keep_last_cluster: false: candidates [g, b_1, b_2] (reference drops b_3); true: [g, b_1, ..., b_k].
+        box_format: boxes in the spatial-relation formulas: XYXY read as XYWH (xyxy_as_xywh, reference) or
+            converted (xywh, paper).
+        nan_policy: a NaN final score (empty or full candidate mask) wins the pick as torch.argmax does
+            (wins, reference) or loses (paper).
+        text_features: fuse E(s) with E(noun phrase) (noun_phrase, reference) or with E(N_O + N_C)
+            (context, paper).
+        parser: which parser gives the noun phrase / context tokens: spacy (reference) or stanza (paper).
+        negate_patches: negate the exit-layer patch tokens (the paper's contribution; on in both presets).
+        use_comap: candidates from CoMap; false gives the paper's baseline (top-k proposals by
+            global-local score).
+        spatial_guidance: the relation + coherence pick; false picks the candidate with the best
+            global-local score.
+    """
+
     input_norm: Literal["imagenet", "clip"] = "imagenet"
     crop_fill: Literal["raw_mean_values", "mean_colour"] = "raw_mean_values"
     mask_feature_mix: Literal["raw", "normalized"] = "raw"

@@ -29,8 +29,9 @@ def test_predict_writes_metrics_and_one_prediction_per_expression(tmp_path):
 
 
 def test_only_predict_is_offered(capsys):
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(CONFIGS / "toy.yaml")])
+    from copatch.cli import main as copatch
+
+    assert copatch(["fit", "--config", str(CONFIGS / "toy.yaml")]) == 2
     assert "predict" in capsys.readouterr().err
 
 
@@ -57,12 +58,23 @@ def test_console_script_exits_0(tmp_path):
 
     out, data = tmp_path / "run", tmp_path / "data"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", "from copatch.cli import main; main()", "predict", "--config",
-                           str(CONFIGS / "toy.yaml"), "--trainer.default_root_dir", str(out),
-                           "--data.init_args.root", str(data), "--trainer.callbacks", "[]"],
+    proc = subprocess.run([sys.executable, "-c", "import sys; from copatch.cli import main; sys.exit(main())",
+                           "predict", "--config", str(CONFIGS / "toy.yaml"), "--trainer.default_root_dir", str(out),
+                           "--data.init_args.root", str(data)],
                           capture_output=True, text=True, env=env, timeout=300)
+    console = proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "mIoU" in proc.stdout + proc.stderr and (out / "metrics.json").is_file()
+    assert "mIoU" in console and (out / "metrics.json").is_file()
+    # A clean console: no Lightning tips, no LeafSpec deprecation; the oracle said at start and in the
+    # results; a progress bar by default; every file written listed at the end.
+    assert "Tip" not in console and "LeafSpec" not in console
+    assert "ORACLE run" in console and "CoPatch results, ORACLE" in console
+    assert "Predicting" in console
+    wrote = console[console.index("Wrote:"):]
+    for name in ("metrics.json", "predictions.rank0.jsonl", "run.json"):
+        assert str(out / name) in wrote
+    assert f"{out / 'overlays'}/ (" in wrote
+    assert json.loads((out / "metrics.json").read_text())["setup"]["oracle"] is True
 
 
 @pytest.mark.parametrize("model", ["vitb32", "vitb16", "vith14"])
@@ -112,3 +124,10 @@ def test_mask2former_config_without_weights_names_the_folder(tmp_path):
     with pytest.raises((FileNotFoundError, ValueError), match="mask2former-swin-large-coco-panoptic.*Nothing is downloaded"):
         main(["predict", "--config", str(CONFIGS / "toy.yaml"), "--config",
               str(CONFIGS / "proposers" / "mask2former.yaml"), "--trainer.default_root_dir", str(tmp_path)])
+
+
+def test_readme_weights_table_is_the_downloads_table():
+    from copatch.downloads import markdown_table
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert markdown_table() in readme

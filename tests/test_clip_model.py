@@ -48,3 +48,34 @@ def test_package_prefix_resolves_inside_the_package():
 
     assert resolve_checkpoint("package:weights/x.pt") == str(Path(copatch.__file__).parent / "weights" / "x.pt")
     assert resolve_checkpoint("/abs/x.pt") == "/abs/x.pt" and resolve_checkpoint(None) is None
+
+
+def test_truncated_checkpoint_is_named_unreadable_not_a_mismatch(tmp_path, tiny_backbone, tiny_config):
+    from copatch.clip_model import CheckpointUnreadable
+
+    whole = tmp_path / "whole.pt"
+    torch.save(tiny_backbone.model.state_dict(), whole)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(CheckpointUnreadable) as err:
+        ClipBackbone(model_config=tiny_config, pretrained=str(cut))
+    assert str(cut) in str(err.value) and "unreadable or truncated" in str(err.value)
+    assert "fetch it again" in str(err.value) and "does not fit" not in str(err.value)
+
+
+def test_missing_official_weights_print_the_fetch_command(tmp_path):
+    from copatch.downloads import DOWNLOADS
+    from copatch.errors import UserError
+
+    for model, key in [("ViT-B-32-quickgelu", "clip-vitb32"), ("ViT-H-14", "clip-vith14")]:
+        with pytest.raises(FileNotFoundError) as err:
+            create_clip(model, DOWNLOADS[key].destination)
+        assert isinstance(err.value, UserError) and DOWNLOADS[key].command in str(err.value)
+
+
+def test_from_preset_names_clip_checkpoint(tmp_path):
+    from copatch.module import CoPatch
+
+    with pytest.raises(CheckpointError, match="clip_checkpoint=") as err:
+        CoPatch.from_preset("vitb16", clip_checkpoint=str(tmp_path / "nope.bin"))
+    assert "--model" not in str(err.value) and "clip_pretrained" not in str(err.value)

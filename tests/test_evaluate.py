@@ -98,9 +98,7 @@ def test_evaluate_writes_metrics_and_failures_and_clears_fixed_failures(tmp_path
 
 
 def test_evaluate_of_a_dir_without_predictions_is_a_clear_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as done:
-        main(["evaluate", str(tmp_path)])
-    assert done.value.code == 2
+    assert main(["evaluate", str(tmp_path)]) == 2
     assert f"no predictions.rank*.jsonl in {tmp_path}" in capsys.readouterr().err
 
 
@@ -115,3 +113,86 @@ def test_weights_are_fingerprinted_by_content(tmp_path):
     c.write_bytes(data)
     assert file_fingerprint(str(a)) == file_fingerprint(str(c))
     assert file_fingerprint("openai") == {"tag": "openai"} and file_fingerprint(None) is None
+
+
+def test_the_final_line_is_the_success_then_the_latest_attempt_whatever_file_holds_it(tmp_path):
+    from copatch.run_state import attempts, final_lines
+
+    old = _line(7, 0, 90, failure="image")  # attempt 1 (unsaid), from a 2-rank run: rank 1's file
+    retried = {**_line(7, 0, 90, failure="proposals"), "attempt": 2}  # a 1-rank retry: rank 0's file
+    append_jsonl(tmp_path / "predictions.rank0.jsonl", [retried])
+    append_jsonl(tmp_path / "predictions.rank1.jsonl", [old])
+    assert final_lines(read_predictions(tmp_path))["7"] == retried  # not the first read, the latest attempt
+    assert attempts(read_predictions(tmp_path)) == {"7": 2}
+    evaluation = evaluate_run(tmp_path)
+    assert [f["kind"] for f in evaluation.failures] == ["proposals"]
+    assert [f["kind"] for f in read_jsonl(tmp_path / "failures.jsonl")] == ["proposals"]
+    ok = {**_line(7, 40, 90), "attempt": 1}  # a success wins over any failure
+    assert final_lines([retried, ok, {**old, "attempt": 5}])["7"] is ok
+
+
+def test_compaction_keeps_exactly_the_final_lines_and_is_safe_to_interrupt(tmp_path, monkeypatch):
+    import copatch.run_state as run_state
+    from copatch.failures import failure_line
+    from copatch.run_state import compact_predictions, final_lines
+
+    lines = _lines(12)
+    failed = [{**_line(i, 0, 50, failure="image"), "attempt": 1} for i in (3, 8)]
+    refailed = {**_line(8, 0, 50, failure="proposals"), "attempt": 2}
+    # A 2-rank run where ids 3 and 8 failed, then a 1-rank rerun: 3 is fixed, 8 fails again.
+    append_jsonl(tmp_path / "predictions.rank0.jsonl", [failed[0]] + [x for x in lines[0::2] if x["id"] != 8])
+    append_jsonl(tmp_path / "predictions.rank1.jsonl", [failed[1]] + [x for x in lines[1::2] if x["id"] != 3])
+    append_jsonl(tmp_path / "predictions.rank0.jsonl", [refailed, lines[3]])
+    append_jsonl(tmp_path / "failures.rank0.jsonl", [failure_line(failed[0]), failure_line(refailed)])
+    append_jsonl(tmp_path / "failures.rank1.jsonl", [failure_line(failed[1])])
+    with open(tmp_path / "predictions.rank1.jsonl", "a") as f:
+        f.write('{"id": 99, "tor')
+    expected = final_lines(read_predictions(tmp_path))
+    metrics = evaluate_run(tmp_path, write=False).metrics
+
+    # Killed after the first file was replaced: the final lines and the metrics are the same.
+    real, calls = run_state.atomic_write_text, []
+
+    def write_once_then_die(path, text):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(path)
+        real(path, text)
+
+    monkeypatch.setattr(run_state, "atomic_write_text", write_once_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        compact_predictions(tmp_path)
+    assert final_lines(read_predictions(tmp_path)) == expected
+    assert evaluate_run(tmp_path, write=False).metrics == metrics
+    monkeypatch.setattr(run_state, "atomic_write_text", real)
+
+    assert [p.name for p in calls] == ["predictions.rank0.jsonl"]  # its superseded line of id 3 is gone
+    assert compact_predictions(tmp_path) == 1  # rank 1's superseded line of id 8
+    assert compact_predictions(tmp_path) == 0
+    after = read_predictions(tmp_path)
+    assert len(after) == len({str(x["id"]) for x in after}) == 12
+    assert final_lines(after) == expected and evaluate_run(tmp_path, write=False).metrics == metrics
+    assert (tmp_path / "predictions.rank1.jsonl").read_text().endswith("\n")  # the torn line is gone
+    assert read_jsonl(tmp_path / "failures.rank0.jsonl") == [failure_line(refailed)]
+    assert read_jsonl(tmp_path / "failures.rank1.jsonl") == []
+
+
+def test_files_written_whole_have_the_mode_of_the_others(tmp_path):
+    import os
+    import stat
+
+    from copatch.run_state import write_run
+
+    old = os.umask(0o022)
+    try:
+        append_jsonl(tmp_path / "predictions.rank0.jsonl", _lines(4) + [_line(9, 0, 5, failure="image")])
+        evaluate_run(tmp_path)
+        write_run(tmp_path, {"model": {}}, {})
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+        assert modes == {"predictions.rank0.jsonl": 0o644, "metrics.json": 0o644, "failures.jsonl": 0o644,
+                         "run.json": 0o644}
+        os.umask(0o027)  # and they follow the umask, as open() does
+        evaluate_run(tmp_path)
+        assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o640
+    finally:
+        os.umask(old)

@@ -17,11 +17,12 @@ pytest.importorskip("transformers")
 
 from transformers import Mask2FormerConfig, SwinConfig  # noqa: E402
 
+from copatch.errors import UserError, UserFileNotFound, UserValueError  # noqa: E402
 from copatch.mask2former import (  # noqa: E402
-    SETTINGS_FILE,
     Mask2FormerProposer,
     resize_shortest_edge_size,
 )
+from copatch.proposal_cache import ProposalCache, image_sha1  # noqa: E402
 from copatch.proposals import MaskProposer, StoredProposals  # noqa: E402
 from copatch.types import Expression, ImageSample  # noqa: E402
 
@@ -242,7 +243,7 @@ def test_largest_batching_is_one_forward() -> None:
         handle.remove()
     assert len(shapes) == 1 and shapes[0][0] == 2
     assert [tuple(p.masks.shape[-2:]) for p in out] == SIZES
-    with pytest.raises(ValueError, match="batching must be"):
+    with pytest.raises(ValueError, match="batching= must be"):
         _make(0, batching="padded")
 
 
@@ -339,46 +340,95 @@ def test_rejects_bad_images(proposer: Mask2FormerProposer) -> None:
 
 
 # ------------------------------------------------------------------------------------------ cache
+def _count_forwards(proposer: Mask2FormerProposer) -> list[int]:
+    """Wrap the model's forward; the returned list holds the number of images it was run on."""
+    calls: list[int] = []
+    forward = proposer.model.forward
+
+    def counted(*args, **kwargs):
+        calls.append(int(kwargs["pixel_values"].shape[0]))
+        return forward(*args, **kwargs)
+
+    proposer.model.forward = counted
+    return calls
+
+
 def test_cache_is_written_and_reused_without_the_model(tmp_path: Path) -> None:
     cache = tmp_path / "proposals"
     first = _make(0, cache_dir=str(cache))
     images = _images()
     computed = [first(_sample(images[0], 11)), *first.propose_batch([images[1]], ["img-12"])]
-    assert StoredProposals(cache).exists(11) and StoredProposals(cache).exists("img-12")
-    assert json.loads((cache / SETTINGS_FILE).read_text())["threshold"] == 0.35
+    folder = ProposalCache(cache, first.settings()).folder
+    assert folder.parent == cache
+    assert StoredProposals(folder).exists(11) and StoredProposals(folder).exists("img-12")
+    assert json.loads((folder / "settings.json").read_text())["threshold"] == 0.35
+    record = json.loads((folder / "11.json").read_text())
+    assert record["image_sha1"] == image_sha1(images[0])
 
-    # Different random weights, and a model that cannot run: everything must come from the cache.
+    # Different random weights (same architecture): everything must come from the cache.
     second = _make(1, cache_dir=cache)
-
-    def boom(*args, **kwargs):
-        raise AssertionError("the model ran although the proposals were cached")
-
-    second.model.forward = boom
+    calls = _count_forwards(second)
     again = [second(_sample(images[0], 11)), *second.propose_batch([images[1]], ["img-12"])]
+    assert calls == []
     for a, b in zip(computed, again):
         assert torch.equal(a.masks, b.masks)
         assert torch.equal(a.scores, b.scores)
-    # An image id not in the cache does need the model.
-    with pytest.raises(AssertionError, match="the model ran"):
-        second(_sample(images[0], 13))
+    # An image id not in the cache does need the model, once.
+    second(_sample(images[0], 13))
+    assert calls == [1]
 
 
-def test_cache_with_other_settings_is_refused(tmp_path: Path) -> None:
-    _make(0, cache_dir=tmp_path)(_sample(_images()[0], 1))
+def test_colliding_id_with_the_same_size_never_gets_the_other_images_masks(tmp_path: Path) -> None:
+    """A COCO image and a Visual Genome image with one id and one size, in one cache_dir."""
+    coco = _images()[0]
+    gen = torch.Generator().manual_seed(9)
+    vg = torch.randint(0, 256, coco.shape, generator=gen, dtype=torch.uint8)
+    cached = _make(0, cache_dir=tmp_path)
+    coco_masks = cached(_sample(coco, 139)).masks
+    expected = _make(0)(_sample(vg, 139)).masks  # independent: no cache at all
+    assert not torch.equal(expected, coco_masks)  # else the test could not tell them apart
+
+    calls = _count_forwards(cached)
+    entry = ProposalCache(tmp_path, cached.settings()).path(139)
+    with pytest.warns(UserWarning, match="another image with id 139") as warned:
+        got = cached(_sample(vg, 139)).masks
+    assert str(entry) in str(warned[0].message)
+    assert calls == [1] and torch.equal(got, expected)
+    # The entry now holds the VG image: served from the cache, no model call.
+    assert torch.equal(cached(_sample(vg, 139)).masks, expected) and calls == [1]
+
+
+def test_other_settings_are_cached_apart(tmp_path: Path) -> None:
+    image = _images()[0]
+    _make(0, cache_dir=tmp_path)(_sample(image, 1))
     other = _make(0, cache_dir=tmp_path, threshold=0.5)
-    with pytest.raises(ValueError, match="other settings.*threshold"):
-        other(_sample(_images()[0], 1))
-    with pytest.raises(ValueError, match="other settings.*batching"):
-        _make(0, cache_dir=tmp_path, batching="largest")(_sample(_images()[0], 1))
-    # A cache from before the `batching` setting (made one image at a time) is "same_size".
-    settings = tmp_path / SETTINGS_FILE
-    old = json.loads(settings.read_text())
-    del old["batching"]
-    settings.write_text(json.dumps(old))
-    assert _make(0, cache_dir=tmp_path)(_sample(_images()[0], 1)).masks.shape[0] == NUM_QUERIES
+    calls = _count_forwards(other)
+    masks = other(_sample(image, 1)).masks
+    assert calls == [1]  # not the 0.35 masks of the same image
+    assert torch.equal(masks, _make(0, threshold=0.5)(_sample(image, 1)).masks)
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
 
 
-# ----------------------------------------------------------------------------- loading from disk
+def test_cache_folder_with_other_settings_is_refused_naming_it(tmp_path: Path) -> None:
+    proposer = _make(0, cache_dir=tmp_path)
+    proposer(_sample(_images()[0], 1))
+    settings = ProposalCache(tmp_path, proposer.settings()).folder / "settings.json"
+    edited = {**json.loads(settings.read_text()), "batching": "largest"}
+    settings.write_text(json.dumps(edited))
+    with pytest.raises(UserValueError, match="other settings") as err:
+        _make(0, cache_dir=tmp_path)(_sample(_images()[0], 1))
+    assert str(settings.parent) in str(err.value) and "batching" in str(err.value)
+
+
+def test_old_cache_without_content_hash_is_refused(tmp_path: Path) -> None:
+    """The layout before `copatch.proposal_cache`: `<cache_dir>/<id>.json` + a settings file."""
+    StoredProposals(tmp_path).write(1, _make(0)(_sample(_images()[0], 1)))
+    (tmp_path / "_mask2former_settings.json").write_text(json.dumps({"generator": "mask2former"}))
+    with pytest.raises(UserValueError, match="older copatch") as err:
+        _make(0, cache_dir=tmp_path)
+    assert str(tmp_path) in str(err.value) and "Delete" in str(err.value)
+
+
 def test_loads_a_saved_model_from_a_local_folder(tmp_path: Path) -> None:
     reference = _make(0)
     folder = tmp_path / "m2f"
@@ -414,9 +464,48 @@ def test_missing_model_folder_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"has no weights"):
         Mask2FormerProposer(empty)
     (empty / "config.json").write_text(json.dumps({"model_type": "maskformer"}))
-    (empty / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="not 'mask2former'"):
+    (empty / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(UserValueError, match="not 'mask2former'"):
         Mask2FormerProposer(empty)
+
+
+HF_COMMAND = ("hf download facebook/mask2former-swin-large-coco-panoptic --local-dir")
+
+
+# Bytes kept (int) or the fraction kept (float): inside the length field, inside the JSON header,
+# in the data.
+@pytest.mark.parametrize("keep", [4, 1000, 0.5, 0.999])
+def test_truncated_safetensors_names_the_file_and_the_fix(tmp_path: Path, keep: float) -> None:
+    folder = tmp_path / "m2f"
+    _make(0).model.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    cut = keep if isinstance(keep, int) else int(len(data) * keep)
+    weights.write_bytes(data[:cut])  # an interrupted download
+    with pytest.raises(UserValueError) as err:
+        Mask2FormerProposer(folder, **SMALL)
+    message = str(err.value)
+    assert f"Mask2Former weights {weights} are unreadable" in message
+    assert "truncated" in message and "fetch it again" in message
+    assert f"{HF_COMMAND} {folder}" in message
+
+
+def test_unloadable_weights_name_the_file(tmp_path: Path) -> None:
+    """A weights file the library itself rejects: its error is wrapped in ours, naming the file."""
+    folder = tmp_path / "m2f"
+    _make(0).model.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not a torch file at all")
+    with pytest.raises(UserValueError, match="Mask2Former weights .*pytorch_model.bin are unreadable"):
+        Mask2FormerProposer(folder, **SMALL)
+
+
+def test_folder_errors_are_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserFileNotFound):
+        Mask2FormerProposer(tmp_path / "missing")
+    for bad in ({"threshold": 1.5}, {"batching": "biggest"}, {"dtype": "int8"}):
+        with pytest.raises(UserError, match=next(iter(bad))):
+            Mask2FormerProposer.from_config(tiny_config(), **bad)
 
 
 def test_needs_exactly_one_source(tmp_path: Path) -> None:

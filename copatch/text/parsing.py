@@ -26,6 +26,8 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
+from copatch.errors import UserError, knob
+
 # Chunk roots that are not "other nouns" (the reference's RELATION_WORDS, as it is: it has
 # "middle" and "who/what/which" but not "smallest" or "between", which the keyword groups have).
 RELATION_WORDS: frozenset[str] = frozenset(
@@ -58,8 +60,60 @@ CONTEXT_UPOS: frozenset[str] = frozenset({"NOUN", "PROPN", "ADJ", "NUM"})
 UNKNOWN_HEAD = "[UNK]"  # the reference's agent when no noun is found
 
 
-class ParserUnavailableError(RuntimeError):
+class ParserUnavailableError(UserError, RuntimeError):
     """The parsing backend (library or model files) is not installed; the message says the fix."""
+
+
+class StanzaResourcesMissing(ParserUnavailableError, FileNotFoundError):
+    """The stanza resources folder lacks `resources.json` or the English models copatch needs."""
+
+
+STANZA_PROCESSORS = ("tokenize", "pos", "constituency")
+
+
+def stanza_resources_dir(resources_dir: str | None = None) -> str:
+    """The folder stanza reads: `resources_dir`, else $STANZA_RESOURCES_DIR, else stanza's default."""
+    if resources_dir:
+        return str(resources_dir)
+    if os.environ.get("STANZA_RESOURCES_DIR"):
+        return os.environ["STANZA_RESOURCES_DIR"]
+    return os.path.join(os.path.expanduser("~"), "stanza_resources")  # stanza's DEFAULT_MODEL_DIR
+
+
+def check_stanza_resources(resources_dir: str | None = None) -> str:
+    """Check, without loading any model, that the folder holds stanza's English models for the
+    tokenize, pos and constituency processors; returns the folder.
+
+    Cheap enough to run before a run's first batch (`CoPatch.check_ready`), so a missing folder stops
+    the run before anything is written.
+
+    Raises:
+        StanzaResourcesMissing: naming the folder, the option and the command that fetches it.
+    """
+    import json
+
+    from copatch.downloads import fetch_hint
+
+    directory = stanza_resources_dir(resources_dir)
+    where = ("$STANZA_RESOURCES_DIR" if not resources_dir and os.environ.get("STANZA_RESOURCES_DIR")
+             else knob("stanza_resources"))
+    fix = f"{fetch_hint('stanza', destination=directory)} Then set {where} to that folder."
+    index = os.path.join(directory, "resources.json")
+    if not os.path.isfile(index):
+        raise StanzaResourcesMissing(f"stanza resources not found in {directory} (no resources.json). {fix}")
+    try:
+        with open(index, encoding="utf-8") as f:
+            resources = json.load(f)
+        english = resources.get("en")
+        if isinstance(english, dict) and "alias" in english:  # stanza follows a language alias the same way
+            english = resources.get(english["alias"])
+    except (OSError, ValueError, AttributeError) as err:
+        raise StanzaResourcesMissing(f"stanza resources index {index} is unreadable ({err}). {fix}") from err
+    if not isinstance(english, dict):
+        raise StanzaResourcesMissing(f"stanza resources in {directory} have no English models. {fix}")
+    if not os.path.isdir(os.path.join(directory, "en")):
+        raise StanzaResourcesMissing(f"stanza resources in {directory} lack the folder en/ (the English models). {fix}")
+    return directory
 
 
 @dataclass(frozen=True)
@@ -109,8 +163,8 @@ def parse_spacy_doc(doc: Any) -> ParsedExpression:
     first_child = next(iter(root.children), None)
     if chunk is None and first_child is not None:
         chunk = chunk_at(first_child.i)
-    if chunk is None:  # neither the root nor its first child is in a chunk: whole sentence
-        noun_phrase, head, context = sentence, root.text, ()
+    if chunk is None:  # neither the root nor its first child is in a chunk: the reference returns
+        noun_phrase, head, context = sentence, sentence, ()  # the whole sentence as NP and head noun
     else:
         noun_phrase, head = chunk.text, chunk.root.text
         context = tuple(tok.text for tok in doc[chunk.end :] if tok.pos_ in CONTEXT_UPOS)
@@ -169,8 +223,10 @@ class SpacyParser:
         texts = _check_texts(texts)
         nlp = self._load()
         # Pass 1 only re-tokenises; pass 2 parses the joined string, as the reference's helpers do.
+        # The reference drops only the tokens that are exactly one space: a run of spaces ("man   left"
+        # gives the token "  "), a tab or a newline stays a token of the joined string.
         joined = [
-            " ".join(tok.text for tok in doc if not tok.is_space)
+            " ".join(tok.text for tok in doc if tok.text != " ")
             for doc in nlp.pipe((t.lower() for t in texts), batch_size=self.batch_size)
         ]
         return [parse_spacy_doc(doc) for doc in nlp.pipe(joined, batch_size=self.batch_size)]
@@ -266,6 +322,7 @@ class StanzaParser:
             directory = str(
                 self.resources_dir or os.environ.get("STANZA_RESOURCES_DIR") or DEFAULT_MODEL_DIR
             )
+            check_stanza_resources(self.resources_dir)  # names the folder and the fix before stanza's errors
             try:
                 self._pipeline = stanza.Pipeline(
                     lang="en", processors="tokenize,pos,constituency", dir=directory,
@@ -273,11 +330,12 @@ class StanzaParser:
                 )
             # Missing resources.json -> FileNotFoundError; one without English -> ValueError.
             except (OSError, ValueError) as err:
-                raise ParserUnavailableError(
-                    f"stanza English models not found in {directory!r} ({err}). On a machine with "
-                    "internet run: python -c \"import stanza; stanza.download('en', "
-                    f"processors='tokenize,pos,constituency', model_dir='{directory}')\", then copy "
-                    "that directory here and pass `resources_dir` or set STANZA_RESOURCES_DIR"
+                from copatch.downloads import fetch_hint
+
+                raise StanzaResourcesMissing(
+                    f"stanza English models not found in {directory!r} ({err}). "
+                    f"{fetch_hint('stanza', destination=directory)} Then set {knob('stanza_resources')} to "
+                    "that folder (or set STANZA_RESOURCES_DIR)."
                 ) from err
         return self._pipeline
 

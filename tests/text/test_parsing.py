@@ -32,8 +32,8 @@ def _expected_from_doc(doc) -> tuple[str, str, tuple[str, ...]]:
     chunk_of = {t.i: c for c in doc.noun_chunks for t in c}
     children = list(root.lefts) + list(root.rights)
     chunk = chunk_of.get(root.i) or (chunk_of.get(children[0].i) if children else None)
-    if chunk is None:
-        return doc.text, root.text, ()
+    if chunk is None:  # the reference returns the whole sentence as the NP and as the head noun
+        return doc.text, doc.text, ()
     ctx = tuple(t.text for t in doc if t.i >= chunk.end and t.pos_ in CONTEXT_POS)
     return chunk.text, chunk.root.text, ctx
 
@@ -79,8 +79,36 @@ def test_spacy_hand_checked(spacy_parser):
     assert giraffe_tl.head_noun == "giraffe" and giraffe_tl.context == ()
     assert (giraffe.sentence, giraffe.target, giraffe.head_noun) == ("giraffe",) * 3
     assert (standing.target, standing.context) == ("man", ("left",))  # first-child rule
-    assert (on_left.target, on_left.head_noun, on_left.context) == ("on the left", "on", ())
-    assert guy.sentence == "guy in white shirt"  # whitespace tokens dropped
+    assert (on_left.target, on_left.head_noun, on_left.context) == ("on the left", "on the left", ())
+    # Only tokens that are exactly " " are dropped: the 3-space run leaves the token "  " in the join.
+    assert guy.sentence == "guy in white    shirt"
+
+
+@pytest.mark.parametrize("text, joined", [
+    ("man   left", "man    left"),  # spaCy: "man", "  ", "left"; the "  " token stays
+    ("man\tleft", "man \t left"),  # a tab is its own token and stays
+    ("man \t left", "man \t  left"),  # "man" (trailing space), "\t ", "left"
+    ("man\n\nleft", "man \n\n left"),
+    ("the  man", "the man"),  # a two-space gap: one token " ", dropped
+    (" the man ", "the man"),  # a leading " " token is dropped, the trailing space is not a token
+])
+def test_spacy_drops_only_single_space_tokens(spacy_parser, text, joined):
+    (parsed,) = spacy_parser.parse([text])
+    assert parsed.sentence == joined
+    # Every other helper parses that joined string: the parse is the one of `joined` itself.
+    doc = spacy_parser._load()(joined)
+    assert parsed.noun_phrase == _expected_from_doc(doc)[0]
+
+
+def test_spacy_fallback_head_noun_is_the_sentence(spacy_parser):
+    # "on the left": the root "on" and its first child "left" are in no noun chunk.
+    doc = spacy_parser._load()("on the left")
+    root = next(t for t in doc if t.head.i == t.i)
+    chunk_tokens = {t.i for c in doc.noun_chunks for t in c}
+    assert root.i not in chunk_tokens and next(root.children).i not in chunk_tokens
+    (p,) = spacy_parser.parse(["On the left"])
+    assert p.noun_phrase == p.target == p.head_noun == "on the left"
+    assert p.context == ()
 
 
 def test_spacy_other_nouns_drop_np_text_and_relation_roots(spacy_parser):
