@@ -224,8 +224,9 @@ class PhraseCutDataset(Dataset):
                                      f"{seen_task_ids[task_id]}): outputs are keyed by task_id.")
                 seen_task_ids[task_id] = refer_file
                 phrase = task["phrase"]
-                if not isinstance(phrase, str) or not phrase.strip():  # fail now, not deep in a run
-                    raise ValueError(f"Empty phrase: task_id={task_id} in {refer_file}. Fix or remove that task.")
+                if not isinstance(phrase, str):  # a malformed file; an empty phrase is a recorded failure
+                    raise ValueError(f"The phrase of task_id={task_id} in {refer_file} is not a string "
+                                     f"({type(phrase).__name__}). Fix or remove that task.")
                 image = info.get(image_id)
                 if image is None or image.get("split") not in splits:
                     where = "is not listed" if image is None else f"is listed with split {image.get('split')!r}"

@@ -81,11 +81,14 @@ def check_refer_files(
     root = Path(root)
     images = Path(image_root) if image_root is not None else root / "images/mscoco/images/train2014"
     refs_file, instances_file = root / dataset / f"refs({split_by}).p", root / dataset / "instances.json"
+    # The demo data (`copatch.demo`) is written by code: its fix is to write it again, not a download.
+    demo_hint = (f"This is copatch's demo data: delete {root} and run again to rewrite it, or run "
+                 f"`python -m copatch.demo.dataset --root {root}`.") if dataset == "demo" else None
     for path in (refs_file, instances_file):
         if not path.is_file():
-            raise FileNotFoundError(f"REFER file not found: {path}. {_ANNOTATIONS_HINT}")
+            raise FileNotFoundError(f"REFER file not found: {path}. {demo_hint or _ANNOTATIONS_HINT}")
     if not images.is_dir():
-        raise FileNotFoundError(f"Image folder not found: {images}. {_IMAGES_HINT}")
+        raise FileNotFoundError(f"Image folder not found: {images}. {demo_hint or _IMAGES_HINT}")
     return refs_file, instances_file, images
 
 
@@ -264,11 +267,8 @@ class ReferDataset(Dataset):
             entry = entries[image_id]
             for sentence in ref["sentences"]:
                 text = sentence["raw"] if sentence.get("raw") is not None else sentence.get("sent", "")
-                if not str(text).strip():  # fail now, before any compute, not deep in a run
-                    raise ValueError(
-                        f"Empty expression: sent_id={sentence.get('sent_id')} (ref_id={ref['ref_id']}) in "
-                        f"{refs_file}. Fix or remove that sentence from the refs file."
-                    )
+                # An empty sentence is kept: the module records it as a failure (IoU 0, copatch.failures)
+                # and the rest of the split runs.
                 entry.expressions.append(Expression(sentence["sent_id"], str(text), ref["ref_id"]))
                 entry.target_ann_ids.append(ann_id)
 

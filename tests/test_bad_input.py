@@ -29,7 +29,7 @@ def image_path(root, image_id):
 
 def tiny_model(tiny_config):
     torch.manual_seed(0)
-    return CoPatch(clip_config=tiny_config, exit_layer=1, gem_depth=3, gem_size=128)
+    return CoPatch(clip_config=tiny_config, exit_layer=1, gem_depth=3, gem_size=128, proposer=GroundTruthProposals())
 
 
 @pytest.fixture(scope="module")
@@ -141,17 +141,46 @@ def test_ground_truth_of_the_wrong_size_stops_the_run_naming_the_file(model, dat
         predict(model, data, tmp_path / "run")
 
 
-@pytest.mark.parametrize("text", ["", "   ", "\t\n"])
-def test_an_empty_expression_stops_the_run_naming_its_id(data, text):
+@pytest.mark.parametrize("text, in_workers", [("", False), ("   ", True), ("\t\n", False)])
+def test_an_empty_expression_is_a_recorded_failure_and_the_split_goes_on(model, tiny_config, data, tmp_path, text,
+                                                                          in_workers):
+    clean = predict(model, data, tmp_path / "clean")
     refs_file = data / "refcoco" / "refs(unc).p"
     refs = pickle.loads(refs_file.read_bytes())
-    ref = next(r for r in refs if r["split"] == "val")
+    ref = next(r for r in refs if r["split"] == "val" and len(expressions_of(data, r["image_id"])) > 1
+               and clean[r["sentences"][0]["sent_id"]]["iou"] > 0)  # so that failing it changes the scores
     ref["sentences"][0]["raw"] = text
     refs_file.write_bytes(pickle.dumps(refs))
-    dm = ReferDataModule(str(data), split="val")
-    sent_id = ref["sentences"][0]["sent_id"]
-    with pytest.raises(ValueError, match=rf"Empty expression: sent_id={sent_id} .*Fix or remove"):
-        dm.setup("predict")
+    sent_id, image_id = ref["sentences"][0]["sent_id"], ref["image_id"]
+    torch.manual_seed(0)  # the same weights as `model`, parsing in the DataLoader's collate or not
+    broken = CoPatch(clip_config=tiny_config, exit_layer=1, gem_depth=3, gem_size=128, parse_in_workers=in_workers)
+    out = tmp_path / "run"
+    lines = predict(broken, data, out)
+
+    areas = ground_truth_areas(data)
+    assert sorted(lines) == sorted(clean)  # nothing skipped, the split ran to the end
+    failed = lines[sent_id]
+    assert failed["failure"] == {"kind": "expression", "file": str(image_path(data, image_id)), "error": (
+        f"expression {sent_id!r} of image {image_id!r} is empty ({text!r}): there is no word to look for. "
+        "Fix or drop it in the dataset's annotations, then rerun the same command.")}
+    assert (failed["iou"], failed["inter"], failed["union"], failed["chosen"]) == (0.0, 0, areas[sent_id], -1)
+    for i, line in lines.items():  # the other expressions, of that image too, are predicted as before
+        if i != sent_id:
+            assert "failure" not in line
+            assert (line["chosen"], line["inter"], line["union"]) == \
+                (clean[i]["chosen"], clean[i]["inter"], clean[i]["union"])
+    listed = read_jsonl(out / "failures.jsonl")
+    assert [(f["id"], f["image_id"], f["kind"]) for f in listed] == [(sent_id, image_id, "expression")]
+
+    # The metrics, computed here from the clean run's counts with the empty expression at IoU 0.
+    inter = {i: 0 if i == sent_id else clean[i]["inter"] for i in clean}
+    union = {i: areas[i] if i == sent_id else clean[i]["union"] for i in clean}
+    ious = [inter[i] / union[i] if union[i] else 0.0 for i in clean]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["failures"] == 1 and saved["metrics"]["n"] == len(clean)
+    assert saved["metrics"]["oIoU"] == pytest.approx(100 * sum(inter.values()) / sum(union.values()))
+    assert saved["metrics"]["mIoU"] == pytest.approx(100 * sum(ious) / len(ious))
+    assert saved["metrics"]["mIoU"] < json.loads((tmp_path / "clean" / "metrics.json").read_text())["metrics"]["mIoU"]
 
 
 def test_an_expression_without_a_noun_falls_back_to_the_whole_sentence(tiny_config, toy_root):

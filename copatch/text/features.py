@@ -9,6 +9,12 @@ over the other noun phrases it names, and the GEM prompt "a photo of a <noun phr
 E is CLIP's raw text embedding (no prompt template, not normalised before mixing), as in the
 reference. All strings of an image's expressions go through the text encoder in one batched call,
 and embeddings are cached by string, because noun phrases repeat a lot across a dataset.
+
+A string longer than the text encoder's context (77 tokens for CLIP, start and end tokens included)
+is truncated by open_clip's tokenizer: the encoder sees its first 75 tokens and the end token. This
+happens with a warning, once per expression, naming the expression's start and its token count
+(`check_context`). The reference's `clip.tokenize` would stop with an error instead; no RefCOCO or
+PhraseCut expression is that long.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import warnings
+from typing import Any
 
 import torch
 
@@ -34,6 +43,9 @@ class TextFeatureCache:
     def __len__(self) -> int:
         return len(self._store)
 
+    def __contains__(self, text: object) -> bool:
+        return text in self._store
+
     def clear(self) -> None:
         self._store.clear()
 
@@ -50,6 +62,46 @@ class TextFeatureCache:
         while len(self._store) > self.max_size:
             self._store.popitem(last=False)
         return torch.stack(out)
+
+
+# The expressions already warned about (`check_context`): once per expression string and process.
+_WARNED_LONG: set[str] = set()
+
+
+def token_count(tokenizer: Any, text: str) -> int | None:
+    """How many tokens `text` takes in the text encoder's context (start and end tokens included), or
+    None for a tokenizer this cannot count for (then nothing is checked)."""
+    if getattr(tokenizer, "reduction_fn", None) is None and hasattr(tokenizer, "sot_token_id") \
+            and callable(getattr(tokenizer, "encode", None)):  # open_clip's SimpleTokenizer (CLIP's BPE)
+        return len(tokenizer.encode(text)) + 2
+    inner, clean = getattr(tokenizer, "tokenizer", None), getattr(tokenizer, "clean_fn", None)
+    if callable(inner) and callable(clean):  # open_clip's HFTokenizer
+        return len(inner(clean(text))["input_ids"])
+    return None
+
+
+def check_context(backbone: ClipBackbone, sentence: str, texts: Sequence[str]) -> None:
+    """Warn, once per expression `sentence`, when it or a string made from it (`texts`: its phrase,
+    prompts) is longer than `backbone`'s text context, so that the tokenizer cuts it."""
+    if sentence in _WARNED_LONG:
+        return
+    tokenizer = getattr(backbone, "tokenizer", None)  # a wrapped or custom backbone may have none
+    context = getattr(tokenizer, "context_length", None)
+    if not context:
+        return
+    counts = [(n, t) for t in dict.fromkeys([sentence, *texts]) if (n := token_count(tokenizer, t))]
+    over = [(n, t) for n, t in counts if n > context]
+    if not over:
+        return
+    _WARNED_LONG.add(sentence)
+    n, longest = max(over, key=lambda x: x[0])
+    def start(text: str) -> str:
+        return repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
+
+    what = f"has {n} tokens" if longest == sentence else f"gives the text {start(longest)} of {n} tokens"
+    warnings.warn(f"expression {start(sentence)} {what}, more than the text encoder's context of {context} "
+                  f"tokens ({backbone.model_name}; start and end tokens included): it is truncated, only its first "
+                  f"{context - 2} word tokens are encoded.", UserWarning, stacklevel=3)
 
 
 def target_text(parsed: ParsedExpression, mode: str) -> str:
@@ -92,6 +144,12 @@ def encode_expressions(backbone: ClipBackbone, parsed: Sequence[ParsedExpression
     negatives = [f"a photo of {noun}" for p in parsed for noun in p.other_nouns]
     gem_prompts = [gem_text_prompt(p.noun_phrase) for p in parsed] if gem_backbone is not None else []
     shared_gem = gem_backbone is backbone
+    for i, p in enumerate(parsed):  # only strings not encoded before: a cached one was checked then
+        if p.sentence not in cache:
+            own = [targets[i], *(f"a photo of {noun}" for noun in p.other_nouns)]
+            check_context(backbone, p.sentence, own + ([gem_prompts[i]] if shared_gem and gem_prompts else []))
+            if gem_backbone is not None and not shared_gem:
+                check_context(gem_backbone, p.sentence, gem_prompts[i:i + 1])
     emb = cache.encode(backbone, sentences + targets + negatives + (gem_prompts if shared_gem else []))
     fused = gamma * emb[:n] + (1 - gamma) * emb[n:2 * n]
     neg_emb = emb[2 * n:2 * n + len(negatives)]

@@ -199,7 +199,8 @@ class ParseInput:
         return f"parse:{self.parser.identity}"
 
     def __call__(self, sample: Any) -> dict[str, dict[str, Any]]:
-        texts = [e.text for e in sample.expressions]
+        # Empty expressions are left out: the module records them as failures without parsing them.
+        texts = [e.text for e in sample.expressions if e.text.strip()]
         return {t: dataclasses.asdict(p) for t, p in zip(texts, self.parser.parse(texts))}
 
     def lookup(self, sample: Any) -> list[ParsedExpression] | None:

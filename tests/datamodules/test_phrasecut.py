@@ -301,10 +301,13 @@ def _rewrite(root: Path, split: str, edit) -> None:
 
 
 def test_bad_tasks_fail_at_construction(fresh: Path) -> None:
-    _rewrite(fresh, "val", lambda t: t[3].update(phrase="  "))
-    with pytest.raises(ValueError, match="Empty phrase: task_id=7__202") as err:
+    _rewrite(fresh, "val", lambda t: t[3].update(phrase=None))
+    with pytest.raises(ValueError, match="phrase of task_id=7__202 .* is not a string") as err:
         PhraseCutDataset(fresh, split="val")
     assert "refer_val.json" in str(err.value)
+    # An empty phrase is kept: the module records it as a failure (tests/test_inputs.py).
+    _rewrite(fresh, "val", lambda t: t[3].update(phrase="  "))
+    assert [e.text for s in PhraseCutDataset(fresh, split="val") for e in s.expressions if e.id == "7__202"] == ["  "]
     _rewrite(fresh, "val", lambda t: t[3].update(phrase="a wire", task_id="11__101"))
     with pytest.raises(ValueError, match="Duplicate task_id=11__101"):
         PhraseCutDataset(fresh, split="val")
