@@ -23,55 +23,43 @@ the output dir (resume) and its results are computed from all written lines (`co
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from collections.abc import Sequence
 import logging
-import platform
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import open_clip
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 
 from copatch.api import as_proposals, make_sample
 from copatch.backbone import ClipBackbone
-from copatch.clip_model import resolve_checkpoint
 from copatch.comap import Clusters, cluster_patches, similarity_map, upsample_clusters
-from copatch.evaluate import evaluate_run, format_results, report
-from copatch.failures import IMAGE, NO_PROPOSALS, PROPOSALS, InputFailure
+from copatch.errors import UserFileNotFound, UserValueError, interface_words, knob
+from copatch.evaluate import format_results
+from copatch.failures import IMAGE, NO_PROPOSALS, PROPOSALS, InputFailure, empty_expression, is_empty_expression
 from copatch.image_features import ImageFeatures, image_features
 from copatch.metrics import RISMetric, intersection_union, iou_from_counts
 from copatch.proposals import GroundTruthProposals, MaskProposer, Proposals, StoredProposals
 from copatch.gem import GemInput, gem_heatmaps, gem_patch_features
 from copatch.prepare import SamplePreparer, prepared_input
-from copatch.run_state import (METRICS_FILE, atomic_write_text, file_fingerprint, id_key, jsonable,
-                               object_fingerprint)
+from copatch.run_state import describe_setup, model_fingerprint, pending_sample, write_metrics
 from copatch.masks import pairwise_iou
 from copatch.selection import Selection, binarize_clusters, candidates_from_iou, pick_by_score, select_top_k
 from copatch.spatial import coherence_map, coherence_scores, final_pick, relation_scores
-from copatch.presets import preset
+from copatch.presets import default_proposer, preset
 from copatch.switches import Switches
 from copatch.text.features import ExpressionTexts, TextFeatureCache, encode_expressions
 from copatch.text.parse_cache import CachedParser, ParseInput
-from copatch.text.parsing import ExpressionParser, ParsedExpression, SpacyParser, StanzaParser
-from copatch.types import ImageSample, Prediction
+from copatch.text.parsing import ExpressionParser, ParsedExpression, SpacyParser, StanzaParser, check_stanza_resources
+from copatch.types import ImageSample, Prediction, match_score
 
 __all__ = ["CoPatch", "ExpressionCues", "format_results"]
 
 log = logging.getLogger("copatch")
-
-# Hyperparameters that name weights files: the fingerprint of a run holds the files' contents instead.
-_WEIGHT_HPARAMS = ("clip_pretrained", "gem_pretrained", "clip_config")
-# Hyperparameters that do not change a single prediction: left out of the fingerprint.
-_NOT_PREDICTION_HPARAMS = ("save_in_checkpoint", "parse_cache_dir", "parse_in_workers")
-
 
 @dataclass
 class ExpressionCues:
@@ -103,7 +91,7 @@ class ExpressionCues:
 class CoPatch(pl.LightningModule):
     """Zero-shot referring image segmentation with CoPatch.
 
-    Use it from Python (`CoPatch.from_preset("demo").segment(image, "the red circle", proposals=masks)`),
+    Use it from Python (`CoPatch.from_preset("demo").segment(image, "the red circle")`),
     with a Trainer (`predict_step`, the `copatch predict` command), or inside another LightningModule.
 
     Extension points. Every stage of the built-in path is one of these methods and the built-in path
@@ -117,9 +105,9 @@ class CoPatch(pl.LightningModule):
     | `propose(sample)` | once per image (after `propose_together` ran a batching proposer over the batch) | `ImageSample`: `image` `[3, H, W] uint8`, `proposals` or None | `Proposals`: `masks` `[N, H, W] bool` |
     | `parse(sample)` | once per image | `ImageSample` with E expressions | `list[ParsedExpression]`, one per expression |
     | `encode_text(parsed)` | once per image | the E parses | `ExpressionTexts`: `fused` `[E, D]`, `negatives` `[E, D]`, `gem` `[E, D']` or None |
-    | `encode_image(sample, masks)` | once per image with N >= 1 | `masks` `[N, H, W] bool` | `ImageFeatures`: `boxes` `[N, 4]`, `mask_embeddings` `[N, D]`, `patch_embeddings` `[P, D]`, `gem_patches` `[P', D']` or None |
+    | `encode_image(sample, masks)` | once per image with a usable proposal (`usable_proposals`) | `masks` `[N, H, W] bool` | `ImageFeatures`: `boxes` `[N, 4]`, `mask_embeddings` `[N, D]`, `patch_embeddings` `[P, D]`, `gem_patches` `[P', D']` or None |
     | `patch_features(sample, patches)` | by `encode_image`, once per image | exit-layer patch embeddings `[G*G, D]` | the patch features CoMap uses, `[P, D]` (P a square) |
-    | `comap(scores)` | once per expression | `[P] float32` patch-text scores | `Clusters`: `labels` `[G, G] int64`, `order`, `threshold` |
+    | `comap(scores)` | once per expression | `[P] float32` logit-scale patch-text scores `S` | `Clusters`: `labels` `[G, G] int64`, `order`, `threshold` |
     | `cluster_overlaps(clusters, masks)` | once per image | E `Clusters`, `masks` `[N, H, W] bool` | E tensors `[k_e, N] float32`: IoU of each cluster with each proposal |
     | `select(mask_scores, cluster_iou)` | once per expression | `[N]` scores, `[k, N]` IoUs | `Selection`: `top1`, `cluster_best`, `candidates` (C indices into N) |
     | `pick(selection, cues)` | once per expression | `Selection`, `ExpressionCues` (masks, boxes, scores, heat map, `target`) | `(chosen, scores)`: an index into N, C floats |
@@ -157,7 +145,9 @@ class CoPatch(pl.LightningModule):
         gem_depth: GEM's depth (7: the self-self path over the last 6 blocks).
         gem_size: GEM's input size (448).
         switches: reference-vs-paper behaviour and ablations (see `copatch.switches`).
-        proposer: where candidate masks come from (default: the dataset's instance masks, an oracle).
+        proposer: where candidate masks come from. None: no proposer; `segment(..., proposals=...)` still
+            works, but a predict run refuses to start (`check_ready`). The dataset's own instance masks
+            (`GroundTruthProposals`) are an oracle and only used when asked for by name.
         parser: an `ExpressionParser`; None builds `switches.parser` with the settings below.
         spacy_model: spaCy pipeline name for the spaCy parser (and the stanza parser's spatial cues).
         stanza_resources: stanza resources dir for the stanza parser (None: $STANZA_RESOURCES_DIR).
@@ -189,7 +179,8 @@ class CoPatch(pl.LightningModule):
         # the state dict.
         self.gem_clip = ClipBackbone(gem_model, gem_pretrained) if gem_model is not None else None
         self.switches = switches
-        self.proposer: MaskProposer = proposer if proposer is not None else GroundTruthProposals()
+        # Never a silent default: GroundTruthProposals scores with the answer's own masks (an oracle).
+        self.proposer: MaskProposer | None = proposer
         self._parser = parser
         self._parser_given = parser is not None
         # Set by the PredictionWriter for one predict run: the output dir, and the ids (`id_key`) it
@@ -248,14 +239,16 @@ class CoPatch(pl.LightningModule):
         Args:
             name: the preset.
             clip_checkpoint: the CLIP weights file (default: the preset's path, e.g. weights/vitb16-openai.bin).
-            proposer: where candidate masks come from (None: pass `proposals=` to `segment`).
+            proposer: where candidate masks come from (None: the preset's default, `copatch.presets.
+                DEFAULT_PROPOSERS`: flat-colour regions for `demo`; for the others pass `proposals=` to `segment`).
             overrides: any other `CoPatch` argument (e.g. `switches=Switches.paper()`).
         """
         kwargs = preset(name)
         if clip_checkpoint is not None:
             kwargs["clip_pretrained"] = clip_checkpoint
         kwargs.update(overrides)
-        return cls(proposer=proposer, **kwargs)
+        with interface_words({"clip_pretrained": "clip_checkpoint="}):  # errors name this method's argument
+            return cls(proposer=proposer if proposer is not None else default_proposer(name), **kwargs)
 
     @torch.no_grad()
     def segment(self, image: Any, expressions: str | Sequence[str], proposals: Any = None) -> list[Prediction]:
@@ -265,19 +258,27 @@ class CoPatch(pl.LightningModule):
         it runs without gradients, on CoPatch's device, in the host's precision.
 
         Args:
-            image: a PIL image, an `[H, W, 3]` uint8 array or a `[3, H, W]` tensor (uint8, or float in [0, 1]).
-            expressions: one expression or a list of them.
-            proposals: `[N, H, W]` bool candidate masks (tensor or array) or `Proposals`; None uses the
-                model's proposer.
+            image: a PIL image, an image file path (`str` or `Path`), an `[H, W]`, `[H, W, 3]` or
+                `[H, W, 4]` numpy array, or a `[3, H, W]` tensor; uint8 pixels, or float in [0, 1]
+                (the rules, and what is refused: `copatch.api`).
+            expressions: one expression or a list of them, each a non-empty string.
+            proposals: `[N, H, W]` candidate masks (tensor or array), bool or only 0/1 values (soft masks
+                are refused: threshold them first), or `Proposals`; None uses the model's proposer.
 
         Returns:
             One `Prediction` per expression: `mask` `[H, W] bool`, `chosen`, `candidates` with their
             `candidate_scores`, `clusters` (the CoMap on the patch grid) and `extras` (parse, SR/SC scores).
+            Without usable proposals (none, or all empty; see `image_side`) each has an empty mask,
+            `chosen` -1 and a `failure` record of kind `no_proposals`.
+
+        Raises:
+            UserTypeError, UserValueError, UserFileNotFound (`copatch.errors`): an input that breaks the
+            rules of `copatch.api`, with what was given and what to pass.
         """
         sample = make_sample(image, expressions)
         if proposals is not None:
             sample.proposals = as_proposals(proposals, sample.size)
-        elif isinstance(self.proposer, GroundTruthProposals):
+        elif self.proposer is None or isinstance(self.proposer, GroundTruthProposals):
             raise ValueError("segment() needs candidate masks: pass proposals=[N, H, W] bool masks, or build the "
                              "model with a proposer (e.g. Mask2FormerProposer or StoredProposals).")
         sample.image = sample.image.to(self.device)
@@ -309,6 +310,8 @@ class CoPatch(pl.LightningModule):
         """
         if sample.proposals is not None:
             return sample.proposals
+        if self.proposer is None:
+            raise UserValueError(no_proposer_message())
         return self.proposer(sample)
 
     def parse(self, sample: ImageSample) -> list[ParsedExpression]:
@@ -320,12 +323,13 @@ class CoPatch(pl.LightningModule):
         Returns:
             E `ParsedExpression`s, in the order of `sample.expressions`: those a DataLoader worker made
             (`parse_in_workers`) when the sample carries them, else parsed now. An empty expression is
-            an error naming its id.
+            an error naming its id (`predict_image` records empty expressions as failures and leaves
+            them out before it calls `parse`).
         """
         for expr in sample.expressions:
             if not expr.text or not expr.text.strip():
                 raise ValueError(f"expression {expr.id!r} of image {sample.image_id!r} ({sample.file_name}) is "
-                                 "empty: every expression needs at least one word; fix or drop it in the dataset.")
+                                 "empty: every expression needs at least one word.")
         if sample.prepared:
             ready = ParseInput(self.parser).lookup(sample)
             if ready is not None:
@@ -411,7 +415,9 @@ class CoPatch(pl.LightningModule):
         """Extension point: CoMap, the clusters of one expression's patch-text similarity map.
 
         Args:
-            scores: `[P] float32` patch scores `S / 100`, row-major over the `G x G` patch grid.
+            scores: `[P] float32` logit-scale patch scores `S` (as the reference sorts them; the
+                thresholds `delta - 0.05, ...` are compared with `S / 100`), row-major over the
+                `G x G` patch grid.
 
         Returns:
             `Clusters`: `labels` `[G, G] int64` (0 = unclustered), `order` (the cluster ids in use
@@ -530,16 +536,8 @@ class CoPatch(pl.LightningModule):
 
     def pending(self, sample: ImageSample) -> ImageSample | None:
         """`sample` without the expressions of `skip_ids` (already written by an earlier run), or None
-        when none is left, so that the image is not worked on at all."""
-        if not self.skip_ids:
-            return sample
-        keep = [i for i, e in enumerate(sample.expressions) if id_key(e.id) not in self.skip_ids]
-        if len(keep) == len(sample.expressions):
-            return sample
-        if not keep:
-            return None
-        targets = sample.targets[keep] if sample.targets is not None else None
-        return dataclasses.replace(sample, expressions=[sample.expressions[i] for i in keep], targets=targets)
+        when none is left, so that the image is not worked on at all (`copatch.run_state.pending_sample`)."""
+        return pending_sample(sample, self.skip_ids)
 
     @torch.no_grad()
     def predict_image(self, sample: ImageSample) -> list[Prediction]:
@@ -549,8 +547,12 @@ class CoPatch(pl.LightningModule):
         precision (a host's autocast); scores, CoMap and the pick in float32. When the sample has
         `targets` `[E, H, W] bool`, the metrics are updated and each prediction gets its IoU counts.
         An image that cannot be evaluated (`copatch.failures`: unreadable image or proposals file)
-        gives predictions with an empty mask and a `failure` record, counted as IoU 0.
+        gives predictions with an empty mask and a `failure` record, counted as IoU 0. So does an
+        empty expression, alone: the image's other expressions are predicted as usual.
         """
+        empty = [i for i, e in enumerate(sample.expressions) if is_empty_expression(e.text)]
+        if empty:
+            return self._with_empty_expressions(sample, empty)
         try:
             if sample.error is not None:
                 raise InputFailure(IMAGE, sample.file_name, sample.error)
@@ -569,6 +571,27 @@ class CoPatch(pl.LightningModule):
         for p in preds:  # returned and written predictions need not hold device memory
             p.mask = p.mask.cpu()
         return preds
+
+    def _with_empty_expressions(self, sample: ImageSample, empty: list[int]) -> list[Prediction]:
+        # The expressions at `empty` are recorded as failures (IoU 0, in the metrics); the others go
+        # through `predict_image` as an image of their own. Predictions come back in the sample's order.
+        def part(rows: list[int]) -> ImageSample:
+            targets = sample.targets[rows] if sample.targets is not None else None
+            return dataclasses.replace(sample, expressions=[sample.expressions[i] for i in rows], targets=targets)
+
+        keep = [i for i in range(len(sample.expressions)) if i not in set(empty)]
+        preds: dict[int, Prediction] = dict(zip(keep, self.predict_image(part(keep)))) if keep else {}
+        failed = []
+        for i in empty:
+            expr = sample.expressions[i]
+            failure = empty_expression(expr.id, sample.image_id, expr.text, sample.file_name)
+            log.warning("image %r: %s (it counts as IoU 0)", sample.image_id, failure.message)
+            failed.append(self._failed_prediction(sample, i, failure.record()))
+        self._update_metrics(part(empty), failed, torch.zeros((0, *sample.size), dtype=torch.bool, device=self.device))
+        for i, p in zip(empty, failed):
+            p.mask = p.mask.cpu()
+            preds[i] = p
+        return [preds[i] for i in range(len(sample.expressions))]
 
     def clear_caches(self) -> None:
         """Forget the cached text embeddings and the parses held in memory (not those on disk): the
@@ -599,7 +622,7 @@ class CoPatch(pl.LightningModule):
 
     def image_side(self, sample: ImageSample) -> tuple[torch.Tensor, ImageFeatures | None]:
         """`(masks, features)`: the proposals `[N, H, W] bool` on CoPatch's device (`propose`) and their
-        `ImageFeatures` (`encode_image`; None when N is 0)."""
+        `ImageFeatures` (`encode_image`; None when no proposal is usable, see `usable_proposals`)."""
         size = sample.size
         try:
             proposals = self.propose(sample)
@@ -613,7 +636,24 @@ class CoPatch(pl.LightningModule):
         _check_shape(masks, size, "proposal masks", sample)
         if sample.targets is not None:
             _check_shape(sample.targets, size, "ground-truth masks", sample)
-        return masks, (self.encode_image(sample, masks) if masks.shape[0] else None)
+        return masks, (self.encode_image(sample, masks) if self.usable_proposals(masks) else None)
+
+    def usable_proposals(self, masks: torch.Tensor) -> bool:
+        """Whether a mask can be chosen among `masks` `[N, H, W] bool`: at least one is non-empty and,
+        with the spatial guidance on, also not the whole image (its spatial coherence is 0/0 = NaN;
+        on a 1x1 image every non-empty mask is the whole image). Otherwise every expression of the
+        image is recorded as `no_proposals` (IoU 0) instead of a pick among NaN scores.
+
+        No mask is ever dropped: when one mask is usable all N stay candidates, empty and
+        whole-image ones included, as in the reference (it keeps all of Mask2Former's masks).
+        """
+        if masks.shape[0] == 0:
+            return False
+        area = masks.flatten(1).sum(1)
+        inside = area > 0
+        if self.switches.spatial_guidance:
+            inside &= area < masks.shape[-2] * masks.shape[-1]
+        return bool(inside.any())
 
     def expression_side(self, sample: ImageSample, masks: torch.Tensor, feats: ImageFeatures | None,
                         parsed: list[ParsedExpression], texts: ExpressionTexts) -> list[Prediction]:
@@ -623,7 +663,7 @@ class CoPatch(pl.LightningModule):
         Runs `comap` per expression, `cluster_overlaps` once, then `select` and `pick` per expression.
         """
         if feats is None:
-            return [self._empty_prediction(sample, i, p) for i, p in enumerate(parsed)]
+            return [self._empty_prediction(sample, i, p, masks) for i, p in enumerate(parsed)]
         feats, texts = _float32(feats), _float32(texts)  # encoders may have run under an autocast
         emb = F.normalize(feats.mask_embeddings, dim=-1)
         scale = self.backbone.logit_scale
@@ -659,20 +699,31 @@ class CoPatch(pl.LightningModule):
                           extras={"noun_phrase": parsed.noun_phrase, "context": parsed.context_phrase,
                                   "relation": parsed.relation, "direction": parsed.direction,
                                   "threshold": clusters.threshold, "top1": selection.top1,
-                                  "oracle_pool": selection.oracle_pool, **cues.extras})
+                                  "oracle_pool": selection.oracle_pool, **cues.extras},
+                          score=match_score(cues.mask_scores, cues.masks, chosen))
 
-    def _empty_prediction(self, sample: ImageSample, i: int, parsed: ParsedExpression) -> Prediction:
-        # No proposals: the expression is still counted, with an empty mask (IoU 0), and recorded.
-        pred = self._failed_prediction(sample, i, self._no_proposals(sample))
+    def _empty_prediction(self, sample: ImageSample, i: int, parsed: ParsedExpression,
+                          masks: torch.Tensor | None = None) -> Prediction:
+        # No usable proposals: the expression is still counted, with an empty mask (IoU 0), and recorded.
+        pred = self._failed_prediction(sample, i, self._no_proposals(sample, masks))
         pred.extras.update(noun_phrase=parsed.noun_phrase, context=parsed.context_phrase)
         return pred
 
-    def _no_proposals(self, sample: ImageSample) -> dict[str, str]:
-        where = (str(self.proposer.path(sample.image_id)) if isinstance(self.proposer, StoredProposals)
+    def _no_proposals(self, sample: ImageSample, masks: torch.Tensor | None = None) -> dict[str, str]:
+        given = sample.proposals is not None  # segment(..., proposals=...)
+        where = (str(self.proposer.path(sample.image_id)) if isinstance(self.proposer, StoredProposals) and not given
                  else sample.file_name)
-        return {"kind": NO_PROPOSALS, "file": where,
-                "error": f"the proposer ({type(self.proposer).__name__}) gave 0 candidate masks for image "
-                         f"{sample.image_id!r}, so no mask can be chosen."}
+        source = "the given proposals" if given else f"the proposer ({type(self.proposer).__name__})"
+        n = 0 if masks is None else int(masks.shape[0])
+        if n == 0:
+            why = f"{source} gave 0 candidate masks for image {sample.image_id!r}"
+        elif not bool(masks.any()):
+            why = f"{source} gave {n} candidate masks for image {sample.image_id!r}, all of them empty"
+        else:
+            h, w = sample.size
+            why = (f"{source} gave {n} candidate masks for image {sample.image_id!r} ({h}x{w}), each empty or the "
+                   "whole image, whose spatial coherence is undefined (0/0)")
+        return {"kind": NO_PROPOSALS, "file": where, "error": f"{why}, so no mask can be chosen."}
 
     def _failed_prediction(self, sample: ImageSample, i: int, failure: dict[str, str]) -> Prediction:
         expr = sample.expressions[i]
@@ -716,19 +767,44 @@ class CoPatch(pl.LightningModule):
         # The image-only CPU work (PIL resizes, stored-proposal decoding) runs in the DataLoader workers
         # of a DataModule that takes it (the built-in ones have a `sample_transform` attribute, applied
         # by their collate function). The dataloader is built after this hook, so the workers get it.
+        self.check_ready()
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "sample_transform"):
             if datamodule.sample_transform is None or isinstance(datamodule.sample_transform, SamplePreparer):
                 datamodule.sample_transform = self.sample_preparer() or None
 
+    @property
+    def is_oracle(self) -> bool:
+        """Whether the candidates are the dataset's own instance masks (`GroundTruthProposals`): the
+        scores then measure the selection alone, not the method (recorded as `oracle` in metrics.json)."""
+        return isinstance(self.proposer, GroundTruthProposals)
+
+    def check_ready(self) -> None:
+        """What a predict run needs before its first batch, checked without loading any model: a proposer,
+        and the stanza resources when the stanza parser is to be built. `copatch predict` calls it before
+        the Trainer starts (so nothing is written), and `setup` calls it for a Trainer of your own.
+
+        Raises:
+            UserValueError: no proposer (the message names the options).
+            StanzaResourcesMissing: the stanza folder lacks the English models (names folder, option, fetch).
+        """
+        if self.proposer is None:
+            raise UserValueError(no_proposer_message())
+        if not self._parser_given and self.switches.parser == "stanza":
+            check_stanza_resources(self.hparams.stanza_resources)
+
     def on_predict_start(self) -> None:
-        """Lightning hook: check that a stored-proposals folder exists before any image is read."""
+        """Lightning hook: say so when the proposer is the oracle, and check that a stored-proposals folder
+        exists before any image is read."""
         proposer = self.proposer
+        if self.is_oracle and self.trainer.is_global_zero:
+            log.warning("ORACLE run: the candidate masks are the dataset's own instance masks "
+                        "(GroundTruthProposals); the scores measure the selection alone, not CoPatch.")
         if isinstance(proposer, StoredProposals) and not proposer.root.is_dir():
-            raise FileNotFoundError(
-                f"stored proposals folder {proposer.root} does not exist: set model.proposer.init_args.root to the "
-                "folder of <image_id>.json files (see copatch/proposals.py for the format), or use another proposer "
-                "(configs/proposers/).")
+            raise UserFileNotFound(
+                f"stored proposals folder {proposer.root} does not exist: set {knob('proposer.init_args.root')} to "
+                "the folder of <image_id>.json files (see copatch/proposals.py for the format), or use another "
+                "proposer (configs/proposers/).")
 
     def on_predict_epoch_start(self) -> None:
         """Lightning hook: reset the metrics."""
@@ -741,9 +817,9 @@ class CoPatch(pl.LightningModule):
 
     def on_predict_epoch_end(self) -> None:
         """Lightning hook: compute `results` (oIoU, mIoU, Pr@X, the top-k oracle; all ranks) and write
-        `metrics.json`, from the written prediction files when a `PredictionWriter` is on."""
+        `metrics.json`. With a `PredictionWriter` (`run_dir` set) its own `on_predict_epoch_end`, which
+        Lightning runs before this one, has already set them from the written prediction files."""
         if self.run_dir is not None:
-            self._results_from_disk(self.run_dir)
             return
         # compute() all-reduces the sum states, so every rank must call it (rank 0 alone would hang).
         if int(self.metric.num_samples) == 0 and self.trainer.world_size == 1:
@@ -753,58 +829,33 @@ class CoPatch(pl.LightningModule):
                         if k in ("oIoU", "mIoU")})
         self.results = results
         if self.trainer.is_global_zero:
-            rank_zero_info(format_results(results))
-            out = Path(self.trainer.default_root_dir)
-            atomic_write_text(out / METRICS_FILE, json.dumps({"metrics": results, "setup": self.describe()}, indent=2))
-
-    def _results_from_disk(self, root: Path) -> None:
-        # With a PredictionWriter the results are those of every line in the output dir (all ranks,
-        # and earlier runs when this one resumed), computed by rank 0 once every rank has written.
-        strategy = self.trainer.strategy
-        strategy.barrier("copatch_predictions_written")
-        payload: Any = None
-        error: BaseException | None = None
-        if self.trainer.is_global_zero:
-            try:
-                evaluation = evaluate_run(root, setup=self.describe())
-                rank_zero_info(report(evaluation, root))
-                payload = ("ok", evaluation.metrics)
-            except Exception as err:  # every rank must reach the broadcast, or the others hang
-                error, payload = err, ("error", f"{type(err).__name__}: {err}")
-        payload = strategy.broadcast(payload, src=0)
-        if error is not None:
-            raise error
-        if payload[0] == "error":
-            raise RuntimeError(f"rank 0 could not compute the metrics of {root}: {payload[1]}")
-        self.results = payload[1]
+            print(format_results(results, oracle=self.is_oracle), flush=True)  # stdout, as `copatch evaluate`
+            write_metrics(self.trainer.default_root_dir, results, self.describe())
 
     def fingerprint(self) -> dict[str, Any]:
         """What defines this model's predictions, for `run.json`: hyperparameters (switches included),
-        the content of the weights files, the proposer and its settings; for random weights, a hash
-        of the weights themselves."""
-        hparams = {k: v for k, v in jsonable(dict(self.hparams)).items()
-                   if not k.startswith("_") and k not in _NOT_PREDICTION_HPARAMS}
-        for key in _WEIGHT_HPARAMS:  # compared by content, so a moved or renamed file is the same setup
-            hparams[key] = file_fingerprint(resolve_checkpoint(hparams.get(key)))
-        out: dict[str, Any] = {"class": f"{type(self).__module__}.{type(self).__qualname__}", "hparams": hparams,
-                               "proposer": object_fingerprint(self.proposer)}
-        if self._parser_given:  # the parser itself, not the cache around it
-            given = self._parser.parser if isinstance(self._parser, CachedParser) else self._parser
-            out["parser"] = object_fingerprint(given)
-        if not self.hparams.clip_pretrained or (self.hparams.gem_model and not self.hparams.gem_pretrained):
-            digest = hashlib.sha256()
-            for name, tensor in sorted(self.full_state_dict().items()):
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            out["random_weights_sha256"] = digest.hexdigest()
-        return out
+        the content of the weights files, the proposer and its settings, a parser given by the user;
+        for random weights, a hash of the weights themselves (`copatch.run_state.model_fingerprint`)."""
+        return model_fingerprint(self, self._parser if self._parser_given else None)
 
     def describe(self) -> dict[str, Any]:
-        """What produced these results: hyperparameters, switches and versions."""
-        hp = {k: v for k, v in self.hparams.items() if k != "switches"}
-        return {"hparams": hp, "switches": asdict(self.switches), "proposer": type(self.proposer).__name__,
-                "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__,
-                             "lightning": pl.__version__, "python": platform.python_version()}}
+        """What produced these results: hyperparameters, switches and versions
+        (`copatch.run_state.describe_setup`)."""
+        return describe_setup(self)
+
+
+PROPOSER_CONFIGS = ("stored", "mask2former", "sam", "ground_truth")
+
+
+def no_proposer_message() -> str:
+    """Why a run without a proposer cannot start, and the options (configs/proposers/*.yaml)."""
+    # The proposer configs of this checkout, in the usual order (the known names when run from elsewhere).
+    found = {p.stem for p in (Path(__file__).parents[1] / "configs" / "proposers").glob("*.yaml")}
+    names = [n for n in PROPOSER_CONFIGS if n in found] or list(PROPOSER_CONFIGS)
+    names += sorted(found - set(names))
+    options = ", ".join(f"configs/proposers/{n}.yaml" for n in names)
+    return (f"no proposer: CoPatch needs candidate masks. Set {knob('proposer')} or compose one of {options} "
+            "(ground_truth is an oracle: the dataset's own masks, for analysis only).")
 
 
 def _leave_weights_out(module: CoPatch, state_dict: dict, prefix: str, local_metadata: dict) -> None:

@@ -26,6 +26,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The proposer a preset gets when `from_preset` is given none: the demo world's flat-colour regions
+# (no model, no download; `copatch.demo.proposer`). The real backbones have none: photos need SAM or
+# Mask2Former weights, or stored proposals.
+DEFAULT_PROPOSERS: dict[str, str] = {"demo": "copatch.demo.proposer.ColourRegionProposer"}
+
+
+def default_proposer(name: str) -> Any:
+    """A new instance of the preset's default proposer (`DEFAULT_PROPOSERS`), or None when it has none."""
+    path = DEFAULT_PROPOSERS.get(name)
+    if path is None:
+        return None
+    import importlib
+
+    module, cls = path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), cls)()
+
+
 def preset(name: str) -> dict[str, Any]:
     """A copy of the named preset's `CoPatch` arguments."""
     if name not in PRESETS:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -178,8 +179,14 @@ class StoredProposals:
             )
         return Proposals(masks=masks, scores=score_t)
 
-    def write(self, image_id: int | str, proposals: Proposals) -> Path:
-        """Write `proposals` for `image_id` atomically (a reader never sees a partial file)."""
+    def write(
+        self, image_id: int | str, proposals: Proposals, extra: Mapping[str, object] | None = None
+    ) -> Path:
+        """Write `proposals` for `image_id` atomically (a reader never sees a partial file).
+
+        `extra`: more JSON keys for the record (a cache's checks, `copatch.proposal_cache`); `load`
+        ignores them.
+        """
         path = self.path(image_id)
         height, width = (int(s) for s in proposals.masks.shape[1:])
         scores = proposals.scores
@@ -190,6 +197,7 @@ class StoredProposals:
             "masks": encode_rle(proposals.masks),
             # float32 -> Python float -> JSON repr round-trips exactly.
             "scores": None if scores is None else [float(s) for s in scores.cpu().tolist()],
+            **(extra or {}),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -7,22 +7,37 @@ An output dir holds (see `copatch.callbacks.prediction_writer.PredictionWriter`)
     failures.rank<R>.jsonl       one line per expression that could not be evaluated, per rank
     metrics.json, failures.jsonl written at the end of a run (or by `copatch evaluate`)
 
-Lines are only ever appended, a batch at a time, and flushed to disk before the next batch starts,
-so a killed run leaves complete lines plus at most one torn last line per file; readers drop a last
+While a run goes on, lines are only appended, a batch at a time, and flushed to disk before the
+next batch starts, so a killed run leaves complete lines plus at most one torn last line per file; readers drop a last
 line that has no newline, and the next run on that rank truncates it before appending. Files
 written whole (run.json, metrics.json, failures.jsonl) go to a temporary file first and are renamed
 over the old one, so a reader sees the old or the new file, never half of one.
 
 Resume: an expression with a line in any `predictions.rank*.jsonl` (whatever the world size of the
-run that wrote it) is not computed again, except a failed one, which is retried. If a line's id
-appears more than once (a retried failure), a successful line wins over a failed one.
+run that wrote it) is not computed again, except a failed one, which is retried; its new line carries
+`attempt` one above the highest attempt already written for that id (a line without `attempt` is
+attempt 1).
+
+One final line per expression (`final_lines`): of the lines of one id, a successful line wins over a
+failed one, and among those the highest `attempt`; `metrics.json`, `failures.jsonl` and the next
+run's skip list all follow that one line. At the end of a run, once every rank has written, rank 0
+compacts the files (`compact_predictions`): every superseded line is removed, each file replaced
+through a rename, so a finished run leaves exactly one line per expression. A kill in the middle of
+compacting leaves each file either as it was or compacted: only superseded lines are ever removed, so
+the final lines, and what they decide, stay the same.
 
 Fingerprint: a run refuses an output dir whose `run.json` was written by another setup, so that
 results of two setups never mix in one set of metrics.
+
+The run's bookkeeping lives here and in the writer, not in `CoPatch`: the resume filter
+(`pending_sample`), the model's fingerprint and setup record (`model_fingerprint`, `describe_setup`,
+behind `CoPatch.fingerprint()` / `CoPatch.describe()`) and `metrics.json` of a run without a writer
+(`write_metrics`); the end-of-run results from the lines are the writer's `on_predict_epoch_end`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,10 +47,13 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from copatch.failures import failure_line
+
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 FAILURES_FILE = "failures.jsonl"
 _RANK_FILE = re.compile(r"^predictions\.rank(\d+)\.jsonl$")
+_FAILURE_RANK_FILE = re.compile(r"^failures\.rank(\d+)\.jsonl$")
 _HASH_BYTES = 1 << 20  # a checkpoint is identified by its size and its first and last MiB
 
 
@@ -44,12 +62,28 @@ class RunMismatchError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ files
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0o666 less the umask (0o644 under the usual 022)."""
+    return 0o666 & ~_umask()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename (readers never see half a file)."""
+    """Write `text` to `path` through a temporary file and a rename (readers never see half a file).
+
+    The file gets the mode of any other file written here (`file_mode`, 0644 under the usual umask),
+    not the 0600 of the temporary file `mkstemp` makes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -124,21 +158,110 @@ def id_key(expression_id: Any) -> str:
     return str(expression_id)
 
 
-def latest_predictions(lines: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """One line per expression id: a successful line wins over a failed one (a retried failure),
-    otherwise the first line read."""
+def attempt(line: dict[str, Any]) -> int:
+    """How many times the line's expression had been computed when the line was written (1 if unsaid)."""
+    value = line.get("attempt", 1)
+    return value if isinstance(value, int) else 1
+
+
+def _rank(line: dict[str, Any]) -> tuple[bool, int]:
+    # What decides between two lines of one id: success first, then the later attempt.
+    return (not line.get("failure"), attempt(line))
+
+
+def final_lines(lines: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The final line of every expression id (`id_key`): a successful line wins over a failed one,
+    then the highest `attempt`; of equal lines, the first read. Removing any line that is not final
+    never changes which line is (what makes `compact_predictions` safe to interrupt)."""
     chosen: dict[str, dict[str, Any]] = {}
     for line in lines:
         key = id_key(line["id"])
         old = chosen.get(key)
-        if old is None or (old.get("failure") and not line.get("failure")):
+        if old is None or _rank(line) > _rank(old):
             chosen[key] = line
     return chosen
+
+
+latest_predictions = final_lines  # the former name
+
+
+def attempts(lines: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """The highest `attempt` written for every id (`id_key`): a retry writes one more."""
+    out: dict[str, int] = {}
+    for line in lines:
+        key = id_key(line["id"])
+        out[key] = max(out.get(key, 0), attempt(line))
+    return out
+
+
+def failure_files(root: str | os.PathLike) -> list[Path]:
+    """Every `failures.rank<R>.jsonl` in `root`, by rank."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _FAILURE_RANK_FILE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def compact_predictions(root: str | os.PathLike) -> int:
+    """Remove every superseded line from the prediction files of `root`; returns how many were removed.
+
+    Only for the end of a run, once no rank writes any more (under DDP: rank 0, after a barrier); never
+    while a run appends to the dir. Each `predictions.rank<R>.jsonl` that holds a superseded line (or a
+    torn last line) is rewritten with its final lines in their order, through a temporary file and a
+    rename; then each `failures.rank<R>.jsonl` is rewritten to list the failed final lines of rank R.
+    Killed at any point, every final line is still in some file.
+    """
+    root = Path(root)
+    files = prediction_files(root)
+    per_file = [(path, read_jsonl(path)) for path in files]
+    final = {id(line) for line in final_lines(line for _, lines in per_file for line in lines).values()}
+    removed = 0
+    kept_per_rank: dict[str, list[dict[str, Any]]] = {}
+    for path, lines in per_file:
+        kept = [line for line in lines if id(line) in final]
+        removed += len(lines) - len(kept)
+        torn = not path.read_bytes().endswith(b"\n") and path.stat().st_size > 0
+        if len(kept) != len(lines) or torn:
+            atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in kept))
+        kept_per_rank[_RANK_FILE.match(path.name).group(1)] = kept
+    for path in failure_files(root):  # ranks of an earlier, larger run that now hold nothing failed
+        if _FAILURE_RANK_FILE.match(path.name).group(1) not in kept_per_rank:
+            atomic_write_text(path, "")
+    for rank, kept in kept_per_rank.items():
+        path = root / f"failures.rank{rank}.jsonl"
+        text = "".join(json.dumps(failure_line(line)) + "\n" for line in kept if line.get("failure"))
+        if text or path.exists():
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                atomic_write_text(path, text)
+    return removed
 
 
 def completed_ids(lines: Iterable[dict[str, Any]]) -> set[str]:
     """Ids (as `id_key`) that a resumed run skips: those with a line that did not fail."""
     return {id_key(line["id"]) for line in lines if not line.get("failure")}
+
+
+def pending_sample(sample: Any, skip_ids: set[str]) -> Any:
+    """`sample` (an `ImageSample`) without the expressions whose ids (`id_key`) are in `skip_ids`
+    (already written by an earlier run), or None when none is left, so that the image is not worked
+    on at all. `targets` (`[E, H, W] bool` or None) keeps the rows of the expressions kept."""
+    if not skip_ids:
+        return sample
+    keep = [i for i, e in enumerate(sample.expressions) if id_key(e.id) not in skip_ids]
+    if len(keep) == len(sample.expressions):
+        return sample
+    if not keep:
+        return None
+    targets = sample.targets[keep] if sample.targets is not None else None
+    return dataclasses.replace(sample, expressions=[sample.expressions[i] for i in keep], targets=targets)
+
+
+def write_metrics(root: str | os.PathLike, metrics: dict[str, float], setup: dict[str, Any]) -> None:
+    """Write `root/metrics.json` as `{"metrics", "setup"}` for a run without prediction lines (no
+    `PredictionWriter`: the metrics come from the module's own metric states). With prediction lines,
+    `copatch.evaluate.evaluate_run` writes it from the lines instead."""
+    atomic_write_text(Path(root) / METRICS_FILE, json.dumps({"metrics": metrics, "setup": setup}, indent=2))
 
 
 # ------------------------------------------------------------------------------------ fingerprint
@@ -251,3 +374,59 @@ def write_run(root: str | os.PathLike, fingerprint: dict[str, Any], meta: dict[s
     """Write `run.json`: the compared `fingerprint` and informative `meta` (never compared)."""
     atomic_write_text(Path(root) / RUN_FILE,
                       json.dumps({"fingerprint": jsonable(fingerprint), "meta": jsonable(meta)}, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------ the model's setup
+# Hyperparameters that name weights files: the fingerprint of a run holds the files' contents instead.
+WEIGHT_HPARAMS = ("clip_pretrained", "gem_pretrained", "clip_config")
+# Hyperparameters that do not change a single prediction: left out of the fingerprint.
+NOT_PREDICTION_HPARAMS = ("save_in_checkpoint", "parse_cache_dir", "parse_in_workers")
+
+
+def model_fingerprint(model: Any, given_parser: Any = None) -> dict[str, Any]:
+    """What defines a `CoPatch` model's predictions, for `run.json` (`CoPatch.fingerprint()`).
+
+    Hyperparameters (switches included) without those of `NOT_PREDICTION_HPARAMS`, the content of the
+    weights files (`WEIGHT_HPARAMS`, compared by `file_fingerprint`), the proposer and its settings,
+    the parser the user gave (`given_parser`; None when the model builds its own from its
+    hyperparameters), and for random weights a sha256 of the weights themselves
+    (`model.full_state_dict()`).
+    """
+    # Imported here: the rest of this module reads and writes files only, without the model stack.
+    import torch
+
+    from copatch.clip_model import resolve_checkpoint
+    from copatch.text.parse_cache import CachedParser
+
+    hparams = {k: v for k, v in jsonable(dict(model.hparams)).items()
+               if not k.startswith("_") and k not in NOT_PREDICTION_HPARAMS}
+    for key in WEIGHT_HPARAMS:  # compared by content, so a moved or renamed file is the same setup
+        hparams[key] = file_fingerprint(resolve_checkpoint(hparams.get(key)))
+    out: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}", "hparams": hparams,
+                           "proposer": object_fingerprint(model.proposer) if model.proposer is not None else None}
+    if given_parser is not None:  # the parser itself, not the cache around it
+        given = given_parser.parser if isinstance(given_parser, CachedParser) else given_parser
+        out["parser"] = object_fingerprint(given)
+    if not model.hparams.clip_pretrained or (model.hparams.gem_model and not model.hparams.gem_pretrained):
+        digest = hashlib.sha256()
+        for name, tensor in sorted(model.full_state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        out["random_weights_sha256"] = digest.hexdigest()
+    return out
+
+
+def describe_setup(model: Any) -> dict[str, Any]:
+    """What produced a `CoPatch` model's results (`CoPatch.describe()`, the `setup` of `metrics.json`):
+    hyperparameters, switches, the proposer's class, whether it is the oracle, and versions."""
+    import platform  # here, as in `model_fingerprint`: only a run that has a model needs these
+
+    import lightning.pytorch as pl
+    import open_clip
+    import torch
+
+    hp = {k: v for k, v in model.hparams.items() if k != "switches"}
+    return {"hparams": hp, "switches": asdict(model.switches), "proposer": type(model.proposer).__name__,
+            "oracle": model.is_oracle,
+            "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__,
+                         "lightning": pl.__version__, "python": platform.python_version()}}

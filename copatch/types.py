@@ -9,9 +9,14 @@ PhraseCut), never by batch position.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 
@@ -113,6 +118,8 @@ class Prediction:
         oracle_inter, oracle_union: the same counts for the top-k oracle's best candidate.
         failure: `{"kind", "file", "error"}` when the expression could not be evaluated (a missing
             or unreadable image or proposals file, or no proposals); it then counts as IoU 0.
+        score: a confidence in [0, 1] for the chosen mask (`match_score`), for thresholding "no good
+            match"; None when nothing was chosen. A heuristic, not a probability fitted to data.
     """
 
     expression_id: int | str
@@ -131,3 +138,87 @@ class Prediction:
     oracle_inter: int | None = None
     oracle_union: int | None = None
     failure: dict | None = None
+    score: float | None = None
+
+    def mask_numpy(self) -> np.ndarray:
+        """The chosen mask as a NumPy array, `[H, W] bool` (all False when nothing was chosen)."""
+        return self.mask.detach().cpu().numpy().astype(bool)
+
+    def save_mask(self, path: str | os.PathLike) -> Path:
+        """Write the chosen mask as a binary PNG (0 background, 255 mask; 8-bit grey) at the image's
+        size, atomically (a temporary file in the same folder, then renamed), and return the path.
+        The folder is created if needed. Read it back with `np.asarray(Image.open(path)) > 0`."""
+        from PIL import Image
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = self.mask_numpy().astype(np.uint8) * 255
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                Image.fromarray(pixels, mode="L").save(f, format="PNG")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def overlay(self, image: Any, proposals: Any = None, truth: Any = None) -> "PIL.Image.Image":  # noqa: F821
+        """A picture of this prediction (`copatch.overlay.render_overlay`): the image with the CoMap
+        clusters (and `truth`), the candidates and the chosen mask, the expression with its IoU and
+        `score`, and a legend of the colours.
+
+        Args:
+            image: the image the prediction was made on, as `CoPatch.segment` takes it (PIL image, file
+                path, `[H, W(, 3|4)]` array or `[3, H, W]` tensor).
+            proposals: the `[N, H, W]` masks (tensor, array or `Proposals`) the prediction chose from,
+                to draw its candidates (`self.candidates` index them); None draws the chosen mask only.
+            truth: `[H, W]` ground-truth mask to outline, or None.
+
+        Returns:
+            An RGB PIL image, `(2 s W) x (s H + band)` (see `render_overlay`).
+        """
+        from copatch.api import as_proposals, image_tensor
+        from copatch.errors import UserValueError
+        from copatch.overlay import render_overlay
+
+        pixels = image_tensor(image)
+        size = tuple(self.mask.shape[-2:])
+        if tuple(pixels.shape[-2:]) != size:
+            raise UserValueError(f"Prediction.overlay: the image is {tuple(pixels.shape[-2:])} (H, W) but the "
+                                 f"prediction's mask is {size}; pass the image the prediction was made on.")
+        candidates = None
+        if proposals is not None and self.candidates:
+            candidates = as_proposals(proposals, size).masks.cpu()[self.candidates]
+        truth_t = None if truth is None else torch.as_tensor(np.asarray(truth)).bool()
+        return render_overlay(pixels, self.text, self.mask, self.clusters, candidates, truth=truth_t,
+                              iou=self.iou, score=self.score)
+
+
+def match_score(mask_scores: torch.Tensor, masks: torch.Tensor, chosen: int) -> float | None:
+    """The confidence of a chosen proposal: the global-local probability mass on masks like it.
+
+    `p = softmax(mask_scores)` over all N proposals (the logit-scale global-local scores, so the CLIP
+    model's own temperature sets how peaked it is), and the score is `sum_j p_j IoU(chosen, j)`: the
+    share of the text-image evidence that falls on the chosen mask, counting near-duplicates of it
+    (a dilated or partial copy) by their overlap instead of letting them split it. It is 1 when all
+    mass is on the chosen mask (or copies of it), about `1/N` for a pick the scores do not single out,
+    and lower still when spatial guidance picked a mask the scores disfavour. It rises with the chosen
+    mask's own score when the others are fixed. A heuristic, not a probability fitted to data; on the
+    demo world it tracks the fraction of right picks (README, "Use it in your project").
+
+    Args:
+        mask_scores: `[N]` logit-scale global-local scores of the proposals against the expression.
+        masks: `[N, H, W] bool` the proposals.
+        chosen: index of the chosen proposal.
+
+    Returns:
+        A float in [0, 1], or None when the scores are not finite.
+    """
+    from copatch.masks import pairwise_iou
+
+    p = mask_scores.detach().double().softmax(0)
+    overlap = pairwise_iou(masks[chosen][None].bool(), masks.bool())[0].to(p.device, p.dtype)
+    value = float((p * overlap).sum().clamp(0.0, 1.0))
+    return value if math.isfinite(value) else None

@@ -50,14 +50,17 @@ def test_segment_a_demo_image_from_pil_numpy_and_tensor():
 
 
 def test_segment_without_proposals_or_proposer_says_what_to_pass():
+    # The demo preset brings its own proposer; the others need one or proposals=.
     model = CoPatch.from_preset("demo")
+    model.proposer = None
     with pytest.raises(ValueError, match="proposals="):
         model.segment(np.zeros((32, 32, 3), dtype=np.uint8), "the red circle")
 
 
 def test_image_inputs_are_checked():
-    with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
-        image_tensor(np.zeros((4, 4), dtype=np.uint8))
+    # Shapes and values in detail: tests/test_inputs.py.
+    with pytest.raises(ValueError, match=r"\[H, W\], \[H, W, 3\] or \[H, W, 4\], got shape \(4, 4, 2\)"):
+        image_tensor(np.zeros((4, 4, 2), dtype=np.uint8))
     assert image_tensor(torch.ones(3, 2, 2)).tolist()[0][0] == [255, 255]
 
 

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
+
+from copatch.overlay import display_scale
 from PIL import Image
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -36,7 +38,10 @@ def test_single_image(tmp_path, run_example):
     lines = expression_lines(out)
     assert len(lines) >= 2 and all(int(m.group(4)) > 0 and 0 <= float(m.group(5)) <= 1 for m in lines), out
     with Image.open(overlay) as image:
-        assert image.width == 2 * 128 and image.height == len(lines) * (128 + 18)
+        # One panel pair per expression, stacked: each `2 s W` wide and `s H` plus its caption band high,
+        # the 128 px scene enlarged by the overlay's display scale.
+        s = display_scale(128, 128, 256)
+        assert s > 1 and image.width == 2 * s * 128 and image.height > len(lines) * s * 128
 
 
 def test_custom_proposer(tmp_path, run_example):

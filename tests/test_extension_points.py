@@ -18,7 +18,7 @@ from copatch.demo.datamodule import DemoReferDataModule
 from copatch.image_features import ImageFeatures
 from copatch.metrics import intersection_union, iou_from_counts
 from copatch.module import CoPatch, ExpressionCues
-from copatch.proposals import Proposals, StoredProposals
+from copatch.proposals import GroundTruthProposals, Proposals, StoredProposals
 from copatch.selection import Selection
 from copatch.switches import Switches
 from copatch.text.features import ExpressionTexts
@@ -30,6 +30,7 @@ EXTENSION_POINTS = ["propose", "parse", "encode_text", "encode_image", "patch_fe
 
 def _model(tiny_config, cls=CoPatch, **kw):
     torch.manual_seed(0)
+    kw.setdefault("proposer", GroundTruthProposals())  # the oracle, by name: there is no default proposer
     return cls(clip_config=tiny_config, exit_layer=1, gem_depth=3, gem_size=128, **kw)
 
 

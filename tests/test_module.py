@@ -7,13 +7,14 @@ from lightning.pytorch import Trainer
 
 from copatch.datamodules.refer import ReferDataModule, ReferDataset
 from copatch.module import CoPatch
-from copatch.proposals import Proposals
+from copatch.proposals import GroundTruthProposals, Proposals
 from copatch.switches import Switches
 from copatch.text.parsing import ParserUnavailableError
 
 
 def _model(tiny_config, **kw):
     torch.manual_seed(0)
+    kw.setdefault("proposer", GroundTruthProposals())  # the oracle, by name: there is no default proposer
     return CoPatch(clip_config=tiny_config, exit_layer=1, gem_depth=3, gem_size=128, **kw)
 
 
@@ -70,11 +71,15 @@ def test_ground_truth_of_the_wrong_size_names_the_image(tiny_config, toy_root):
         _model(tiny_config).predict_step([sample])
 
 
-def test_empty_expression_names_its_id(tiny_config, toy_root):
+def test_empty_expression_is_a_failure_naming_its_id(tiny_config, toy_root):
+    # Only that expression fails (IoU 0); the image's others are predicted (tests/test_bad_input.py: a run).
     sample = ReferDataset(str(toy_root), split="val")[0]
     sample.expressions[0].text = "  "
-    with pytest.raises(ValueError, match=rf"expression {sample.expressions[0].id} .* is empty"):
-        _model(tiny_config).predict_step([sample])
+    preds = _model(tiny_config).predict_step([sample])
+    assert [p.expression_id for p in preds] == [e.id for e in sample.expressions]
+    assert preds[0].failure["kind"] == "expression" and (preds[0].iou, preds[0].chosen) == (0.0, -1)
+    assert f"expression {sample.expressions[0].id!r} of image {sample.image_id!r} is empty" in preds[0].failure["error"]
+    assert all(p.failure is None and p.chosen >= 0 for p in preds[1:])
 
 
 def test_missing_stanza_resources_name_the_directory(tiny_config, toy_root, tmp_path):

@@ -15,6 +15,7 @@ from copatch.datamodules.refer import ReferDataModule, ReferDataset
 from copatch.gem import GemInput
 from copatch.mask2former import Mask2FormerInput
 from copatch.module import CoPatch
+from copatch.proposals import GroundTruthProposals
 from copatch.prepare import SamplePreparer, prepared_input
 from copatch.types import Expression, ImageSample
 
@@ -61,6 +62,7 @@ def test_a_sample_without_its_image_is_left_alone_and_the_preparer_pickles():
 
 def _model(tiny_config, **kw):
     torch.manual_seed(0)
+    kw.setdefault("proposer", GroundTruthProposals())  # the oracle, by name: there is no default proposer
     return CoPatch(clip_config=tiny_config, exit_layer=1, gem_depth=3, gem_size=128, **kw)
 
 
@@ -81,7 +83,7 @@ def _trainer(tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_datamodule_workers_prepare_and_predictions_do_not_change(tiny_config, toy_root, tmp_path, workers):
-    model = Spy(clip_config=tiny_config, exit_layer=1, gem_depth=3, gem_size=128)
+    model = Spy(clip_config=tiny_config, exit_layer=1, gem_depth=3, gem_size=128, proposer=GroundTruthProposals())
     model.seen = []
     dm = ReferDataModule(str(toy_root), split="val", batch_size=2, limit=3, num_workers=workers)
     prepared = [p for b in _trainer(tmp_path).predict(model, datamodule=dm) for p in b]
@@ -162,7 +164,7 @@ def test_parses_made_in_the_workers_are_used_and_equal(tiny_config, toy_root, tm
     """`parse_in_workers`: with a worker process the main process's parser parses nothing, and the
     predictions (parses included) equal those of a model that parses itself."""
     torch.manual_seed(0)
-    model = CoPatch(clip_config=tiny_config, exit_layer=1, gem_depth=3, gem_size=128, parse_in_workers=True)
+    model = _model(tiny_config, parse_in_workers=True)
     dm = ReferDataModule(str(toy_root), split="val", batch_size=2, limit=3, num_workers=1)
     in_workers = [p for b in _trainer(tmp_path).predict(model, datamodule=dm) for p in b]
     assert model.parser.misses == 0 and model.parser.hits == 0  # the worker's copy did the parsing

@@ -161,3 +161,59 @@ def test_predictions_without_run_json_are_refused(tmp_path):
     (tmp_path / "predictions.rank0.jsonl").write_text('{"id": 1}\n')
     with pytest.raises(RunMismatchError, match="no run.json"):
         check_run(tmp_path, {})
+
+
+def _one_line_per_expression(out) -> dict:
+    found = lines(out)
+    ids = Counter(str(line["id"]) for line in found)
+    assert set(ids.values()) == {1}, [k for k, n in ids.items() if n > 1]
+    return {str(line["id"]): line for line in found}
+
+
+def test_reruns_that_retry_and_fix_a_failed_image_leave_one_line_each_and_failures_match_metrics(
+        tiny_run_config, reference_run, tmp_path, monkeypatch):
+    import yaml
+
+    data = tmp_path / "data"
+    shutil.copytree(yaml.safe_load(tiny_run_config.read_text())["data"]["init_args"]["root"], data)
+    reference = {str(line["id"]): line for line in lines(reference_run)}
+    image_id = next(iter(reference.values()))["image_id"]
+    broken_ids = sorted(k for k, line in reference.items() if line["image_id"] == image_id)
+    image = data / "images" / "mscoco" / "images" / "train2014" / f"COCO_train2014_{image_id:012d}.jpg"
+    good = image.read_bytes()
+    out = tmp_path / "run"
+    args = ["predict", "--config", str(tiny_run_config), "--trainer.default_root_dir", str(out),
+            "--data.init_args.root", str(data)]
+
+    def saved() -> tuple[dict, list[dict], list[dict]]:
+        return (json.loads((out / "metrics.json").read_text()), read_jsonl(out / "failures.jsonl"),
+                read_jsonl(out / "failures.rank0.jsonl"))
+
+    image.write_bytes(b"not an image")  # unreadable
+    assert main(args) == 0
+    first, failures, logged = saved()
+    assert sorted(str(f["id"]) for f in failures) == broken_ids == sorted(str(f["id"]) for f in logged)
+    assert first["failures"] == len(failures)
+    first_errors = {f["error"] for f in failures}
+
+    image.unlink()  # still broken, another way: the retry's error is the one listed, once
+    computed = count_computed(monkeypatch)
+    assert main(args) == 0
+    assert sum(computed) == len(broken_ids)  # only the failed expressions were computed again
+    written = _one_line_per_expression(out)
+    assert all(written[k]["attempt"] == 2 for k in broken_ids)
+    second, failures, logged = saved()
+    assert sorted(str(f["id"]) for f in failures) == broken_ids and second["failures"] == len(failures)
+    assert not {f["error"] for f in failures} & first_errors  # the retry's error, not the stale one
+    assert [f["error"] for f in failures] == [f["error"] for f in logged]
+
+    image.write_bytes(good)  # fixed: the failures are gone from every file, the metrics are the full run's
+    computed.clear()
+    assert main(args) == 0
+    assert sum(computed) == len(broken_ids)
+    written = _one_line_per_expression(out)
+    assert sorted(written) == sorted(reference) and not any(line.get("failure") for line in written.values())
+    assert all(written[k]["attempt"] == 3 for k in broken_ids)
+    final = json.loads((out / "metrics.json").read_text())
+    assert final["failures"] == 0 and final["metrics"] == metrics(reference_run)
+    assert not (out / "failures.jsonl").exists() and read_jsonl(out / "failures.rank0.jsonl") == []
