@@ -12,9 +12,9 @@ stored-proposal reader (`copatch.proposals.StoredProposals(root / "proposals")`)
                                                   VISIBLE mask, iscrowd 0) / categories (shapes);
                                                   each annotation also carries `attributes`
                                                   {colour, size, rgb}
-    <root>/images/mscoco/images/train2014/COCO_train2014_%012d.jpg
-                                                  the images, PNG-encoded (lossless, so masks and
-                                                  pixels agree exactly; PIL reads them by content)
+    <root>/images/mscoco/images/train2014/demo_%012d.png
+                                                  the images, PNG (lossless, so masks and pixels agree
+                                                  exactly), in the folder the REFER reader expects
     <root>/proposals/<image_id>.json              stored proposals: every instance mask plus
                                                   distractors (merged pairs, halves, background
                                                   blobs, dilated instances), in a seeded order
@@ -37,6 +37,10 @@ above, top, below, bottom, bigger, smaller. Image ids are `1..num_images`; every
 `i` depends only on `(seed, i)` and the generator's stream, which no training data uses.
 
 CLI: `python -m copatch.demo.dataset --root outputs/demo-data --num-images 60 --seed 1`.
+
+Demo data written before the images had `.png` names (PNG content under `COCO_train2014_%012d.jpg`)
+is renamed in place by `upgrade_demo_images`; `check_demo_files` names anything missing and the fix
+(delete the folder: it is rewritten on first use).
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ from copatch.demo import world
 from copatch.demo.world import SHAPES, Scene
 
 DATASET = "demo"
+IMAGE_DIR = "images/mscoco/images/train2014"  # the REFER reader's default image folder under root
+REGENERATE = "delete {root} and run again: the demo data is rewritten on first use (or run " \
+             "`python -m copatch.demo.dataset --root {root}`)"
 DATASET_STREAM = 303  # the trainer renders from other streams (101: training, 202: its evaluation)
 KINDS: tuple[str, ...] = ("attribute", "location", "relation", "context")
 CATEGORIES = [{"id": k + 1, "name": shape, "supercategory": "shape"} for k, shape in enumerate(SHAPES)]
@@ -285,7 +292,7 @@ def write_demo_refer(root: str | os.PathLike, num_images: int = 60, seed: int = 
     from copatch.proposals import Proposals, StoredProposals
 
     root = Path(root)
-    image_dir = root / "images/mscoco/images/train2014"
+    image_dir = root / IMAGE_DIR
     image_dir.mkdir(parents=True, exist_ok=True)
     (root / DATASET).mkdir(parents=True, exist_ok=True)
     store = StoredProposals(root / "proposals")
@@ -293,7 +300,7 @@ def write_demo_refer(root: str | os.PathLike, num_images: int = 60, seed: int = 
     for index in range(num_images):
         image_id = index + 1
         scene, image, masks, chosen, proposals = demo_image(seed, index, size)
-        file_name = f"COCO_train2014_{image_id:012d}.jpg"
+        file_name = image_file_name(image_id)
         Image.fromarray(image).save(image_dir / file_name, format="PNG")
         images.append({"id": image_id, "file_name": file_name, "height": scene.height, "width": scene.width})
         ann_ids = []
@@ -323,7 +330,7 @@ def write_demo_refer(root: str | os.PathLike, num_images: int = 60, seed: int = 
                 "ref_id": ann_id, "ann_id": ann_id, "image_id": image_id, "split": split,
                 "category_id": CATEGORY_ID[scene.objects[target].shape],
                 "sent_ids": [s["sent_id"] for s in sentences], "sentences": sentences,
-                "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
+                "file_name": f"demo_{image_id:012d}_{ann_id}.png",
             })
         store.write(image_id, Proposals(torch.from_numpy(proposals)))
 
@@ -337,6 +344,73 @@ def write_demo_refer(root: str | os.PathLike, num_images: int = 60, seed: int = 
         pickle.dump(refs, f, protocol=2)
     os.replace(tmp, refs_file)
     return root
+
+
+def image_file_name(image_id: int) -> str:
+    """The demo image's file name: PNG content, `.png` name."""
+    return f"demo_{image_id:012d}.png"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def upgrade_demo_images(root: str | os.PathLike) -> int:
+    """Rename the images of demo data written with PNG content under `.jpg` names to `.png` names,
+    updating `instances.json` and the refs; returns how many images were renamed (0: nothing to do).
+
+    Safe to interrupt and rerun: a file already renamed is skipped, and the index files are
+    rewritten atomically only after every file is in place.
+    """
+    root = Path(root)
+    instances_file = root / DATASET / "instances.json"
+    if not instances_file.is_file():
+        return 0
+    instances = json.loads(instances_file.read_text())
+    old = [im for im in instances["images"] if im["file_name"].endswith(".jpg")]
+    if not old:
+        return 0
+    image_dir = root / IMAGE_DIR
+    for im in old:
+        src, dst = image_dir / im["file_name"], image_dir / image_file_name(im["id"])
+        if src.is_file() and not dst.is_file():
+            os.replace(src, dst)
+        im["file_name"] = dst.name
+    refs_file = root / DATASET / "refs(unc).p"
+    if refs_file.is_file():
+        with open(refs_file, "rb") as f:
+            refs = pickle.load(f)
+        for r in refs:
+            r["file_name"] = f"demo_{r['image_id']:012d}_{r['ann_id']}.png"
+        _atomic_write(refs_file, pickle.dumps(refs, protocol=2))
+    _atomic_write(instances_file, json.dumps(instances).encode())
+    return len(old)
+
+
+def check_demo_files(root: str | os.PathLike) -> None:
+    """Raise `UserFileNotFound` naming the first missing demo file (index, image or proposals) and the
+    demo fix; the REFER reader's own messages would point at the COCO downloads instead."""
+    from copatch.errors import UserFileNotFound
+    from copatch.proposals import StoredProposals
+
+    root = Path(root)
+    store = StoredProposals(root / "proposals")
+    fix = REGENERATE.format(root=root)
+    for name in ("refs(unc).p", "instances.json"):
+        if not (root / DATASET / name).is_file():
+            raise UserFileNotFound(f"demo data under {root} is incomplete: {root / DATASET / name} is missing. {fix}")
+    try:
+        instances = json.loads((root / DATASET / "instances.json").read_text())
+        images = [(int(im["id"]), str(im["file_name"])) for im in instances["images"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserFileNotFound(f"demo data file {root / DATASET / 'instances.json'} is unreadable ({err}). "
+                               f"{fix}") from err
+    for image_id, file_name in images:
+        for path in (root / IMAGE_DIR / file_name, store.path(image_id)):
+            if not path.is_file():
+                raise UserFileNotFound(f"demo data under {root} is incomplete: {path} is missing. {fix}")
 
 
 def expression_kinds(root: str | os.PathLike, subkinds: bool = False) -> dict[int, str]:
