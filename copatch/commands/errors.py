@@ -60,10 +60,20 @@ def _union_message(text: str) -> str:
     """jsonargparse's "Does not validate against any of the Union subtypes ... Errors: - A - B ... Given
     value: ..." reduced to the errors that are not "Expected a <type>" (ours, when a class raised)."""
     errors = re.findall(r"^\s*- (.*)$", text, flags=re.MULTILINE)
-    ours = [e for e in errors if not e.startswith(("Expected a", "Not a valid", "Type <class"))
+    ours = [e for e in errors if not e.startswith(("Expected a", "Not a valid", "Type <class", _UNION_NOISE))
             and "Given value" not in e]
     if ours:
         return "\n".join(dict.fromkeys(ours))
+    # Only type mismatches: name the option, the value given and the types it takes.
+    key = re.search(r'Parser key "([^"]+)"', text)
+    given = re.search(r"Given value: (.*)$", text, flags=re.MULTILINE)
+    types = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>", (re.search(r"Subtypes: \[(.*?)\]", text) or [""])[0])
+    if key and given:
+        takes = " or ".join("null" if t == "NoneType" else t for t in dict.fromkeys(types)) or "another type"
+        hint = (" (a class path such as copatch.text.parsing.StanzaParser; to pick the parser by name use "
+                "--model.switches.parser stanza|spacy)" if key.group(1) == "model.parser" else
+                " (a class path, or class_path: and init_args: in a config file)" if "NoneType" in types else "")
+        return f"--{key.group(1)} {given.group(1).strip()!r} is not valid: it takes {takes}{hint}."
     return text.split("\n", 1)[0]
 
 
@@ -90,7 +100,11 @@ def _argument_message(text: str) -> str:
     missing = re.match(r"""Parser key "config": File does not exist: '?([^']*)'?""", text)
     if missing:
         return f"config file {missing.group(1)} does not exist: check the --config path (the shipped ones are in configs/)."
-    # 'Parser key "model.exit_layer":\n  Expected a <class 'int'>. Got value: x' and the like: the key and why.
+    # 'Parser key "model.exit_layer":\n  Expected a <class 'int'>. Got value: x': the option, the value, the type.
+    typed = re.match(r"""Parser key "([^"]+)":\s*Expected a <class '(?:[\w.]+\.)?(\w+)'>\. Got value: (.*)$""", text,
+                     flags=re.DOTALL)
+    if typed:
+        return f"--{typed.group(1)} {typed.group(3).strip()!r} is not valid: it takes {typed.group(2)}."
     return text
 
 

@@ -50,6 +50,18 @@ def test_unknown_option_suggests_the_nearest(capsys):
     assert short_error(err) == ["copatch: error: unknown option --model.exit_layr: did you mean --model.exit_layer?"]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--model.exit_layer", "x"], "--model.exit_layer 'x' is not valid: it takes int."),
+    (["--model.parser", "stanza"], "--model.parser 'stanza' is not valid: it takes ExpressionParser or null"),
+])
+def test_a_value_of_the_wrong_type_names_the_option_and_what_it_takes(capsys, argv, message):
+    code, err = run(capsys, "predict", "--config", str(CONFIGS / "demo.yaml"), *argv)
+    lines = short_error(err)
+    assert code == 2 and message in " ".join(lines) and "Union" not in err
+    if "parser" in argv[0]:
+        assert "--model.switches.parser stanza|spacy" in " ".join(lines)
+
+
 def test_unknown_command(capsys):
     code, err = run(capsys, "fit")
     assert code == 2
@@ -103,18 +115,30 @@ def test_output_dir_that_cannot_be_created(capsys, tmp_path):
     assert "--trainer.default_root_dir" in text
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_output_dir(capsys, tmp_path):
+def test_read_only_output_dir(capsys, tmp_path, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
+    if os.geteuid() == 0:  # root writes into a 0555 folder: make the probe fail as the kernel would for a user
+        import errno
+        import tempfile
+
+        real = tempfile.TemporaryFile
+
+        def refuse(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir) == ro:
+                raise PermissionError(errno.EACCES, "Permission denied", str(ro))
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
     try:
         code, err = run(capsys, "predict", "--config", TOY, "--trainer.default_root_dir", str(ro / "out"),
                         "--data.init_args.root", str(tmp_path / "data"))
     finally:
         ro.chmod(0o755)
     text = " ".join(line.strip() for line in short_error(err))
-    assert code == 1 and f"output dir {ro / 'out'} is not writable" in text
+    assert code == 1 and f"output dir {ro / 'out'} is not writable (Permission denied" in text
+    assert not (ro / "out").exists()
 
 
 def test_union_noise_is_reduced_to_our_message(capsys, tmp_path):
