@@ -45,7 +45,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
 from copatch.errors import UserValueError
-from copatch.evaluate import evaluate_run, report
+from copatch.evaluate import evaluate_run, report, show_results
 from copatch.failures import failure_line
 from copatch.masks import encode_rle
 from copatch.run_state import (append_jsonl, attempts, check_run, compact_predictions, completed_ids, file_mode,
@@ -229,7 +229,7 @@ class PredictionWriter(BasePredictionWriter):
                 compact_predictions(root)  # one final line per expression; no rank writes any more
                 describe = getattr(pl_module, "describe", None)
                 evaluation = evaluate_run(root, setup=describe() if callable(describe) else None)
-                print(report(evaluation, root), flush=True)  # stdout, as `copatch evaluate` prints it
+                show_results(report(evaluation, root))  # stdout, as `copatch evaluate` prints it
                 payload = ("ok", evaluation.metrics)
             except Exception as err:  # every rank must reach the broadcast, or the others hang
                 error, payload = err, ("error", f"{type(err).__name__}: {err}")

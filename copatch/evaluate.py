@@ -99,6 +99,26 @@ def is_oracle_setup(setup: dict[str, Any] | None) -> bool:
     return name.rsplit(".", 1)[-1] == "GroundTruthProposals"
 
 
+# Where `show_results` sends a report: None prints it at once; a list collects it, so a command can
+# print it after the progress bar has finished drawing (`copatch predict` does).
+_HELD_REPORTS: list[str] | None = None
+
+
+def show_results(text: str) -> None:
+    """Print a results report to stdout (as `copatch evaluate` does), or hold it (`hold_results`)."""
+    if _HELD_REPORTS is not None:
+        _HELD_REPORTS.append(text)
+    else:
+        print(text, flush=True)
+
+
+def hold_results(hold: bool) -> list[str]:
+    """Start (`True`) or stop (`False`) holding the reports of `show_results`; returns those held."""
+    global _HELD_REPORTS
+    held, _HELD_REPORTS = (_HELD_REPORTS or []), ([] if hold else None)
+    return held
+
+
 def format_results(results: dict[str, float], oracle: bool = False) -> str:
     """A small text table of the metrics; `oracle` puts the oracle label in its title line."""
     rows = [f"{k:>12}  {v:8.2f}" if k != "n" else f"{k:>12}  {int(v):8d}" for k, v in results.items()]

@@ -39,7 +39,7 @@ from copatch.api import as_proposals, make_sample
 from copatch.backbone import ClipBackbone
 from copatch.comap import Clusters, cluster_patches, similarity_map, upsample_clusters
 from copatch.errors import UserFileNotFound, UserValueError, interface_words, knob
-from copatch.evaluate import format_results
+from copatch.evaluate import format_results, show_results
 from copatch.failures import IMAGE, NO_PROPOSALS, PROPOSALS, InputFailure, empty_expression, is_empty_expression
 from copatch.image_features import ImageFeatures, image_features
 from copatch.metrics import RISMetric, intersection_union, iou_from_counts
@@ -829,7 +829,7 @@ class CoPatch(pl.LightningModule):
                         if k in ("oIoU", "mIoU")})
         self.results = results
         if self.trainer.is_global_zero:
-            print(format_results(results, oracle=self.is_oracle), flush=True)  # stdout, as `copatch evaluate`
+            show_results(format_results(results, oracle=self.is_oracle))  # stdout, as `copatch evaluate`
             write_metrics(self.trainer.default_root_dir, results, self.describe())
 
     def fingerprint(self) -> dict[str, Any]:

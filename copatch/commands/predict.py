@@ -30,6 +30,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI  # noqa: E402
 
 from copatch.commands import errors  # noqa: E402
 from copatch.errors import UserFileNotFound, cli_words, interface_words  # noqa: E402
+from copatch.evaluate import hold_results  # noqa: E402
 from copatch.module import CoPatch  # noqa: E402
 
 HELP = "run CoPatch over a dataset config: metrics, one prediction line per expression (rerun to resume)"
@@ -148,10 +149,13 @@ class CoPatchCLI(LightningCLI):
         if callable(check):
             check()
         check_output_dir(self.trainer.default_root_dir)
+        hold_results(True)  # printed by `after_predict`, below the finished progress bar
         self._started = time.time() - 1.0  # file times have a coarse resolution on some file systems
 
     def after_predict(self) -> None:
-        """Print the path of every file the run wrote."""
+        """Print the results, then the path of every file the run wrote."""
+        for text in hold_results(False):
+            print(text, flush=True)
         if not self.trainer.is_global_zero:
             return
         files = written_files(Path(self.trainer.default_root_dir), getattr(self, "_started", 0.0))
@@ -164,10 +168,14 @@ def build_cli(args: ArgsType = None) -> CoPatchCLI:
     raised (not printed): `main` turns the known ones into a short message."""
     quiet_lightning()
     _PARSERS.clear()
-    with interface_words(cli_words):  # errors spell options as on this command line: --model.x
-        return CoPatchCLI(CoPatch, LightningDataModule, subclass_mode_data=True, seed_everything_default=0,
-                          save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-                          parser_kwargs={"description": DESCRIPTION, "exit_on_error": False}, args=args)
+    try:
+        with interface_words(cli_words):  # errors spell options as on this command line: --model.x
+            return CoPatchCLI(CoPatch, LightningDataModule, subclass_mode_data=True, seed_everything_default=0,
+                              save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                              parser_kwargs={"description": DESCRIPTION, "exit_on_error": False}, args=args)
+    finally:
+        for text in hold_results(False):  # a run that stopped early still shows what it computed
+            print(text, flush=True)
 
 
 def _option_names() -> list[str]:
