@@ -12,6 +12,7 @@ table (a test keeps them equal).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = ["Download", "DOWNLOADS", "fetch_hint", "download_for_clip", "markdown_table"]
 
@@ -46,17 +47,34 @@ def _hf_folder(repo: str, dest: str) -> str:
     return f"hf download {repo} --local-dir {dest}"
 
 
+# What a SigLIP preset reads from its open_clip repository: the weights and, next to them, the tokenizer.
+_OPEN_CLIP_FILES = "open_clip_config.json open_clip_model.safetensors tokenizer.json tokenizer_config.json special_tokens_map.json"
+
+
+def _open_clip_folder(repo: str, dest: str) -> str:
+    return f"hf download {repo} {_OPEN_CLIP_FILES} --local-dir {dest}"
+
+
 _TABLE = [
     Download("clip-vitb32", "CLIP ViT-B/32 (OpenAI), open_clip format", "configs/model/vitb32.yaml, preset vitb32",
              _clip("clip-vitb32", "timm/vit_base_patch32_clip_224.openai", "weights/vitb32-openai.bin"),
              "weights/vitb32-openai.bin"),
     Download("clip-vitb16", "CLIP ViT-B/16 (OpenAI), open_clip format; also GEM's CLIP for every preset",
-             "configs/model/*.yaml, preset vitb16 (and gem_pretrained of vitb32, vith14)",
+             "configs/model/*.yaml, preset vitb16 (and gem_pretrained of the other presets)",
              _clip("clip-vitb16", "timm/vit_base_patch16_clip_224.openai", "weights/vitb16-openai.bin"),
              "weights/vitb16-openai.bin"),
     Download("clip-vith14", "CLIP ViT-H/14 (LAION-2B), open_clip format", "configs/model/vith14.yaml, preset vith14",
              _clip("clip-vith14", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "weights/vith14-laion2b.bin"),
              "weights/vith14-laion2b.bin"),
+    Download("clip-vith14-dfn", "CLIP ViT-H/14 (DFN-5B), open_clip format", "configs/model/vith14_dfn.yaml, preset vith14_dfn",
+             _clip("clip-vith14-dfn", "apple/DFN5B-CLIP-ViT-H-14", "weights/vith14-dfn5b.bin"),
+             "weights/vith14-dfn5b.bin"),
+    Download("siglip-b16", "SigLIP ViT-B/16 (224 px), open_clip weights and tokenizer",
+             "configs/model/siglip_b16.yaml, preset siglip_b16",
+             _open_clip_folder("timm/ViT-B-16-SigLIP", "weights/siglip-b16"), "weights/siglip-b16"),
+    Download("siglip2-b16-384", "SigLIP-2 ViT-B/16 (384 px, multilingual), open_clip weights and tokenizer",
+             "configs/model/siglip2_b16.yaml, preset siglip2_b16",
+             _open_clip_folder("timm/ViT-B-16-SigLIP2-384", "weights/siglip2-b16-384"), "weights/siglip2-b16-384"),
     Download("mask2former", "Mask2Former Swin-L (COCO panoptic), transformers folder",
              "configs/proposers/mask2former.yaml",
              _hf_folder("facebook/mask2former-swin-large-coco-panoptic", "weights/mask2former-swin-large-coco-panoptic"),
@@ -78,7 +96,9 @@ _TABLE = [
 DOWNLOADS: dict[str, Download] = {d.key: d for d in _TABLE}
 
 # Which download an open_clip model name's weights come from (see configs/model/).
-_CLIP_KEYS = {"ViT-B-32-quickgelu": "clip-vitb32", "ViT-B-16-quickgelu": "clip-vitb16", "ViT-H-14": "clip-vith14"}
+_CLIP_KEYS = {"ViT-B-32-quickgelu": "clip-vitb32", "ViT-B-16-quickgelu": "clip-vitb16", "ViT-H-14": "clip-vith14",
+              "ViT-H-14-quickgelu": "clip-vith14-dfn", "ViT-B-16-SigLIP": "siglip-b16",
+              "ViT-B-16-SigLIP2-384": "siglip2-b16-384"}
 
 
 def download_for_clip(model_name: str) -> Download | None:
@@ -97,6 +117,8 @@ def fetch_hint(key: str, destination: str | None = None) -> str:
     """
     item = DOWNLOADS[key]
     command, dest = item.command, item.destination or "the virtual environment"
+    if destination and item.destination and Path(destination).suffix and not Path(item.destination).suffix:
+        destination = str(Path(destination).parent)  # a file (the SigLIP weights) inside the folder fetched
     if destination and item.destination and destination != item.destination:
         command = command.replace(item.destination, destination).replace("'stanza_resources'", repr(destination))
         dest = destination

@@ -5,7 +5,8 @@ done with hooks that live only inside a `with` block, so they cannot leak onto a
 survive an exception.
 
 Token layout (open_clip >= 2.32, batch first): a block maps `[B, 1 + G*G, W]` to the same shape;
-token 0 is CLS, the rest are the patches in row-major order.
+token 0 is CLS, the rest are the patches in row-major order. A timm tower (SigLIP) has no class token:
+its blocks (`visual.trunk.blocks`) map `[B, G*G, W]`, every token a patch (`prefix_tokens=0`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def capture_block_outputs(blocks: Sequence[nn.Module], indices: Sequence[int]) -
 
 
 @contextmanager
-def mask_patch_tokens(blocks: Sequence[nn.Module], start: int, weights: torch.Tensor) -> Iterator[None]:
+def mask_patch_tokens(blocks: Sequence[nn.Module], start: int, weights: torch.Tensor,
+                      prefix_tokens: int = 1) -> Iterator[None]:
     """Token masking (Global-Local CLIP): scale the patch tokens entering every block from `start` on.
 
     At block `start` a single image's tokens `[1, L, W]` are expanded to one copy per mask `[N, L, W]`;
@@ -53,13 +55,15 @@ def mask_patch_tokens(blocks: Sequence[nn.Module], start: int, weights: torch.Te
         blocks: the ViT's residual blocks.
         start: the first masked block (9 for a 12-block ViT in the reference).
         weights: `[N, G*G]` per-patch weights (each mask resized to the patch grid).
+        prefix_tokens: tokens before the patches, left untouched (1: CLIP's class token; 0: SigLIP,
+            whose every token is scaled, as the authors' SigLIP token-masking loop does).
     """
 
     def pre_hook(_module, args, kwargs):
         x = args[0]
         if x.shape[0] == 1 and weights.shape[0] != 1:
             x = x.expand(weights.shape[0], -1, -1)
-        scale = torch.cat([torch.ones_like(weights[:, :1]), weights], dim=1).to(x.dtype)
+        scale = torch.cat([torch.ones_like(weights[:, :1]).expand(-1, prefix_tokens), weights], dim=1).to(x.dtype)
         return (x * scale[:, :, None],) + tuple(args[1:]), kwargs
 
     handles = [blocks[i].register_forward_pre_hook(pre_hook, with_kwargs=True) for i in range(start, len(blocks))]

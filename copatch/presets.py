@@ -20,6 +20,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     "vith14": dict(clip_model="ViT-H-14", clip_pretrained="weights/vith14-laion2b.bin", exit_layer=22,
                    delta=0.5, alpha=0.5, top_k=3, gamma=0.5, gem_model="ViT-B-16-quickgelu",
                    gem_pretrained="weights/vitb16-openai.bin"),
+    # Version 2 of the paper (copatch.siglip has what was read in the authors' code). DFN-5B ViT-H/14,
+    # the only ViT-H/14 the authors' code loads (model/backbone.py: hf-hub:apple/DFN5B-CLIP-ViT-H-14):
+    # l=22, delta=0.5, alpha=0.5, the paper's ViT-H/14 values.
+    "vith14_dfn": dict(clip_model="ViT-H-14-quickgelu", clip_pretrained="weights/vith14-dfn5b.bin", exit_layer=22,
+                       delta=0.5, alpha=0.5, top_k=3, gamma=0.5, gem_model="ViT-B-16-quickgelu",
+                       gem_pretrained="weights/vitb16-openai.bin"),
+    # SigLIP ViT-B/16 at 224 px (open_clip hf-hub:timm/ViT-B-16-SigLIP in the authors' code) and SigLIP-2
+    # ViT-B/16 at 384 px (google/siglip2-base-patch16-384 in their multilingual scripts). No released
+    # script sets l, delta or alpha for them: the ViT-B/16 values (12 blocks too) [inferred]. GEM stays on
+    # OpenAI ViT-B/16, as in their SigLIP-2 scripts. The tokenizer is read from the checkpoint's folder.
+    "siglip_b16": dict(clip_model="ViT-B-16-SigLIP", clip_pretrained="weights/siglip-b16/open_clip_model.safetensors",
+                       exit_layer=8, delta=0.3, alpha=0.7, top_k=3, gamma=0.5, gem_model="ViT-B-16-quickgelu",
+                       gem_pretrained="weights/vitb16-openai.bin"),
+    "siglip2_b16": dict(clip_model="ViT-B-16-SigLIP2-384",
+                        clip_pretrained="weights/siglip2-b16-384/open_clip_model.safetensors", exit_layer=8,
+                        delta=0.3, alpha=0.7, top_k=3, gamma=0.5, gem_model="ViT-B-16-quickgelu",
+                        gem_pretrained="weights/vitb16-openai.bin"),
     # The demo CLIP (6 blocks at 64 px), shipped in the package; see configs/demo.yaml.
     "demo": dict(clip_model="copatch-demo", clip_pretrained="package:weights/copatch-demo.pt", exit_layer=3,
                  delta=0.3, alpha=0.7, token_mask_blocks=2, gem_depth=4, gem_size=128),

@@ -20,6 +20,8 @@ switches; each switch can still be set on its own (`configs/presets/*.yaml`, or 
 | `nan_policy` | `wins` | `loses` | a NaN final score (empty or full candidate mask) wins the pick, as torch.argmax does, or loses |
 | `text_features` | `noun_phrase` | `context` | fuse E(s) with E(noun phrase) or with E(N_O + N_C) |
 | `parser` | `spacy` | `stanza` | which parser gives the noun phrase / context tokens |
+| `siglip_global` | `pixels` | `tokens` | SigLIP (timm tower) global mask embeddings: pixel-masked input, or token masking |
+| `siglip_patch_head` | `norm` | `pool` | SigLIP exit-layer patches: `trunk.norm(-x)`, or also the pooling head per token |
 
 Ablations of the paper's contributions, on in both presets: `negate_patches` (negate the exit-layer
 patch tokens), `use_comap` (candidates from CoMap; off gives the paper's baseline, the top-k proposals
@@ -59,6 +61,12 @@ class Switches:
         text_features: fuse E(s) with E(noun phrase) (noun_phrase, reference) or with E(N_O + N_C)
             (context, paper).
         parser: which parser gives the noun phrase / context tokens: spacy (reference) or stanza (paper).
+        siglip_global: only for a timm vision tower (SigLIP): the global mask embeddings of the image
+            times each mask at the input size (pixels, the reference's SigLIP path) or token masking
+            with no class token (tokens; the CLIP path's method). See `copatch.siglip`.
+        siglip_patch_head: only for a timm vision tower: exit-layer patches are `trunk.norm(-x)` (norm,
+            the reference) or go on through the tower's pooling head token by token (pool) [inferred
+            counterpart of CLIP's ln_post + proj].
         negate_patches: negate the exit-layer patch tokens (the paper's contribution; on in both presets).
         use_comap: candidates from CoMap; false gives the paper's baseline (top-k proposals by
             global-local score).
@@ -79,6 +87,8 @@ class Switches:
     nan_policy: Literal["wins", "loses"] = "wins"
     text_features: Literal["noun_phrase", "context"] = "noun_phrase"
     parser: Literal["spacy", "stanza"] = "spacy"
+    siglip_global: Literal["pixels", "tokens"] = "pixels"
+    siglip_patch_head: Literal["norm", "pool"] = "norm"
     negate_patches: bool = True
     use_comap: bool = True
     spatial_guidance: bool = True
@@ -94,7 +104,7 @@ class Switches:
         return cls(input_norm="clip", crop_fill="mean_colour", mask_feature_mix="normalized",
                    similarity_norm="channels", clustering="bfs", first_threshold="delta", cluster_order="seed_score",
                    cluster_binarize="half", keep_last_cluster=True, box_format="xywh", nan_policy="loses",
-                   text_features="context", parser="stanza")
+                   text_features="context", parser="stanza", siglip_global="tokens", siglip_patch_head="pool")
 
     @classmethod
     def preset(cls, name: str) -> "Switches":
