@@ -26,6 +26,18 @@ Random weights: speed does not depend on the weights' values.
 
 Each mode's peak memory is its own: GPU `max_memory_allocated` (reset before each mode) or the peak
 CPU RSS of the main process sampled during the mode (DataLoader workers, `--workers`, not counted).
+
+`--cache-dir DIR` (with `--proposer mask2former`) builds the proposer with a proposal cache, as a first
+run over a dataset would: every copatch mode writes all its images' entries into a fresh folder under
+DIR (so it computes and writes them, never reads them back), through the background writer
+(`--cache-writes inline` writes them in the main process instead, for comparison); the time includes
+waiting for the last writes at the end of the run. The reference mode runs without the cache.
+`--compile` adds a `copatch-bf16-compile` mode (needs `--bf16` and `--proposer mask2former`): bf16 with
+Mask2Former's forward under `torch.compile` (`--compile-backend`, default inductor), warmed up on the
+batch shapes of the timed run. It is where compiling helps: a fixed-shape convolution and attention
+stack; the CLIP side runs crops of a varying count per image and stays eager. A compile failure is
+recorded (`--json`) and the other modes stand. `--json OUT` writes the results (rewritten after each
+mode, so an interrupted run keeps what it finished; `benchmarks/gpu_table.py` makes the table).
 `--profile` prints the torch profiler's time per stage and top operators of the copatch mode.
 
 Speed is measured here, never in unit tests; the CPU smoke run in the test suite only checks that both
@@ -36,7 +48,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import platform
 import sys
 import tempfile
 import threading
@@ -93,18 +107,19 @@ def synthetic_samples(num_images: int, expressions: int, proposals: int, size: t
     return samples
 
 
-def mask2former_config(name: str):
-    """A `transformers.Mask2FormerConfig`: the reference's Swin-L COCO-panoptic shape, or a tiny one."""
+def mask2former_config(name: str, queries: int = 200):
+    """A `transformers.Mask2FormerConfig`: the reference's Swin-L COCO-panoptic shape, or a tiny one; `queries`
+    proposals per image (the reference's 200)."""
     from transformers import Mask2FormerConfig, SwinConfig
 
     stages = ["stage1", "stage2", "stage3", "stage4"]
     if name == "swin-large":  # facebook/mask2former-swin-large-coco-panoptic: Swin-L 384, 200 queries, 133 classes
         swin = SwinConfig(image_size=384, embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48],
                           window_size=12, drop_path_rate=0.3, out_features=stages)
-        return Mask2FormerConfig(backbone_config=swin, num_queries=200, num_labels=133)
+        return Mask2FormerConfig(backbone_config=swin, num_queries=queries, num_labels=133)
     swin = SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2,
                       out_features=stages, drop_path_rate=0.0)
-    return Mask2FormerConfig(backbone_config=swin, num_queries=200, hidden_dim=32, feature_size=32,
+    return Mask2FormerConfig(backbone_config=swin, num_queries=queries, hidden_dim=32, feature_size=32,
                              mask_feature_size=32, encoder_feedforward_dim=16, dim_feedforward=16,
                              encoder_layers=1, decoder_layers=2, num_attention_heads=2, num_labels=5)
 
@@ -129,7 +144,8 @@ def peak_memory(device: str) -> Iterator[dict]:
         torch.cuda.reset_peak_memory_stats()
         yield out
         torch.cuda.synchronize()
-        out["peak"] = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
+        out["peak_bytes"] = torch.cuda.max_memory_allocated()
+        out["peak"] = f"{out['peak_bytes'] / 2**30:.2f} GiB GPU"
         return
     page = os.sysconf("SC_PAGE_SIZE")
 
@@ -150,7 +166,8 @@ def peak_memory(device: str) -> Iterator[dict]:
     finally:
         done.set()
         thread.join()
-        out["peak"] = f"{max(peak[0], rss()) / 2**30:.2f} GiB RSS"
+        out["peak_bytes"] = max(peak[0], rss())
+        out["peak"] = f"{out['peak_bytes'] / 2**30:.2f} GiB RSS"
 
 
 def run_copatch(model: CoPatch, samples: list[ImageSample], args: argparse.Namespace, precision: str) -> dict:
@@ -158,6 +175,7 @@ def run_copatch(model: CoPatch, samples: list[ImageSample], args: argparse.Names
                       logger=False, enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=tempfile.mkdtemp())
     model.clear_caches()  # every mode starts cold
+    fresh_cache(model.proposer, args)
     dm = ListDataModule(samples, args.batch_size, args.workers)
     with peak_memory(args.device) as memory:
         start = time.perf_counter()
@@ -172,13 +190,102 @@ def run_reference(model: CoPatch, samples: list[ImageSample], args: argparse.Nam
     """The reference loop's structure, on the module's own stages (fp32, batch 1, nothing cached)."""
     model = model.to(args.device).eval()
     model.clear_caches()  # every mode starts cold
+    cache = getattr(model.proposer, "cache", None)
+    if cache is not None:  # the reference loop runs without the proposal cache
+        model.proposer.cache = None
     picks = {}
     with peak_memory(args.device) as memory:
         start = time.perf_counter()
         _reference_loop(model, samples, args, picks)
         _sync(args.device)
         elapsed = time.perf_counter() - start
+    if cache is not None:
+        model.proposer.cache = cache
     return {"seconds": elapsed, "picks": picks, **memory}
+
+
+def fresh_cache(proposer, args: argparse.Namespace) -> None:
+    """With `--cache-dir`: point the proposer's cache at a new, empty folder (each run computes and writes
+    every entry; background or inline writes as `--cache-writes` says)."""
+    if getattr(args, "cache_dir", None) is None or getattr(proposer, "cache", None) is None:
+        return
+    from copatch.proposal_cache import ProposalCache
+
+    folder = tempfile.mkdtemp(prefix="run-", dir=args.cache_dir)
+    proposer.cache_dir = folder
+    proposer.cache = ProposalCache(folder, proposer.settings(), background=args.cache_writes == "background")
+
+
+def card(device: str) -> str:
+    """The accelerator's name (GPU), or the CPU's model and core count."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"CPU, {os.cpu_count()} cores ({name})"
+
+
+def write_json(path: str | None, args: argparse.Namespace, results: dict) -> None:
+    """The results as JSON (atomic rewrite): the setup, and per mode its speed, memory and picks."""
+    if not path:
+        return
+    n_expr, ref = args.images * args.expressions, results.get("reference")
+    fp32 = results.get("copatch")
+    ours, theirs = args.mode in ("both", "copatch"), args.mode in ("both", "reference")
+    planned = [name for name, wanted in (("copatch", ours), ("copatch-bf16", ours and args.bf16),
+                                         ("reference", theirs), ("copatch-bf16-compile", ours and args.compile))
+               if wanted]
+    modes = {}
+    for name, r in results.items():
+        if name == "profile":
+            continue
+        if "error" in r:
+            modes[name] = {"error": r["error"]}
+            continue
+        row = {"seconds": r["seconds"], "expressions_per_s": n_expr / r["seconds"],
+               "images_per_s": args.images / r["seconds"], "peak_memory_bytes": r["peak_bytes"],
+               "peak_memory": r["peak"]}
+        if ref is not None and name != "reference":
+            row["speedup_vs_reference"] = ref["seconds"] / r["seconds"]
+        # fp32 copatch against the reference loop; other modes against copatch fp32.
+        against = ref if name == "copatch" else fp32 if name != "reference" else None
+        if against is not None and "picks" in against:
+            row["same_picks"] = sum(against["picks"].get(k) == v for k, v in r["picks"].items())
+            row["picks_compared_with"] = "reference" if name == "copatch" else "copatch"
+        modes[name] = row
+    record = {"card": card(args.device), "device": args.device, "torch": torch.__version__,
+              "setup": {"clip": args.model, "proposer": args.proposer,
+                        "proposals": (f"{args.m2f}, {args.m2f_queries} queries" if args.proposer == "mask2former"
+                                      else args.proposals),
+                        "images": args.images, "expressions": n_expr, "size": args.size,
+                        "batch_size": args.batch_size, "workers": args.workers,
+                        "cache": None if args.cache_dir is None else args.cache_writes,
+                        "compile_backend": args.compile_backend if args.compile else None},
+              "planned": planned, "modes": modes}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)
+
+
+def run_compiled(model: CoPatch, samples: list[ImageSample], args: argparse.Namespace) -> dict:
+    """bf16 with Mask2Former's forward compiled, warmed up on the timed run's batch shapes; the failure as
+    `{"error": ...}` instead of stopping the benchmark."""
+    module = model.proposer.model
+    eager = module.forward
+    try:
+        module.forward = torch.compile(eager, backend=args.compile_backend)
+        warm = samples[: args.batch_size + len(samples) % args.batch_size]  # a full batch and the last one
+        run_copatch(model, warm, args, "bf16-mixed")
+        return run_copatch(model, samples, args, "bf16-mixed")
+    except Exception as err:  # noqa: BLE001 - recorded in the results, the other modes stand
+        return {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"}
+    finally:
+        module.forward = eager
 
 
 def _loop_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -259,9 +366,11 @@ def _labelled(name: str):
     return stage
 
 
-# `propose` stays unlabelled: overriding it would turn off the batched proposals (`propose_together`).
-for _name in ("propose_together", "image_side", "encode_image", "parse", "encode_text", "expression_side",
-              "comap", "cluster_overlaps", "select", "pick"):
+# `propose`, `encode_image`, `select` and `pick` stay unlabelled: overriding them would turn off the batched
+# proposals (`propose_together`), GEM over the batch's images (`gem_together`) and the picks of all an image's
+# expressions on the device (`_predict_expressions_on_device`, which stands for `select` + `pick`).
+for _name in ("propose_together", "gem_together", "image_side", "parse", "encode_text", "expression_side",
+              "comap", "cluster_overlaps", "_predict_expressions_on_device"):
     setattr(LabelledCoPatch, _name, _labelled(_name))
 
 
@@ -288,8 +397,9 @@ def build_model(args: argparse.Namespace, store: StoredProposals, image: torch.T
         from copatch.mask2former import Mask2FormerProposer
 
         torch.manual_seed(0)
-        proposer = Mask2FormerProposer.from_config(mask2former_config(args.m2f), min_size=args.m2f_min_size,
-                                                   max_size=args.m2f_max_size)
+        proposer = Mask2FormerProposer.from_config(mask2former_config(args.m2f, args.m2f_queries),
+                                                   min_size=args.m2f_min_size,
+                                                   max_size=args.m2f_max_size, cache_dir=args.cache_dir)
         spread_mask_logits(proposer, image)
     cls = LabelledCoPatch if args.profile else CoPatch
     return cls(clip_model=args.model, proposer=proposer, parse_in_workers=args.parse_in_workers)
@@ -307,6 +417,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="random-weight Mask2Former for --proposer mask2former")
     parser.add_argument("--m2f-min-size", type=int, default=800, help="Mask2Former test resize, short side")
     parser.add_argument("--m2f-max-size", type=int, default=1333, help="Mask2Former test resize, long side cap")
+    parser.add_argument("--m2f-queries", type=int, default=200, help="Mask2Former queries (proposals per image)")
     parser.add_argument("--size", default="480x640", help="HxW")
     parser.add_argument("--batch-size", type=int, default=4, help="images per predict batch")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the copatch mode")
@@ -316,7 +427,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bf16", action="store_true", help="also time copatch with bf16 autocast (GPU)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile the copatch mode (fp32) and print its N most expensive operators and stages")
+    parser.add_argument("--cache-dir", default=None,
+                        help="--proposer mask2former: write a proposal cache under this folder (a fresh one per run)")
+    parser.add_argument("--cache-writes", default="background", choices=["background", "inline"],
+                        help="with --cache-dir: the background writer (default) or writes in the main process")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time bf16 with Mask2Former's forward under torch.compile (needs --bf16)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
+    parser.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON to OUT")
     args = parser.parse_args(argv)
+    if args.cache_dir is not None and args.proposer != "mask2former":
+        parser.error("--cache-dir needs --proposer mask2former (stored proposals are a cache already)")
+    if args.compile and not (args.bf16 and args.proposer == "mask2former"):
+        parser.error("--compile needs --bf16 and --proposer mask2former (it compiles Mask2Former's forward)")
+    if args.cache_dir is not None:
+        os.makedirs(args.cache_dir, exist_ok=True)
     torch.manual_seed(0)
     h, w = (int(v) for v in args.size.split("x"))
     store = StoredProposals(tempfile.mkdtemp(prefix="copatch-bench-"))
@@ -325,36 +450,51 @@ def main(argv: list[str] | None = None) -> dict:
     n_expr = args.images * args.expressions
     print(f"{args.images} images of {h}x{w}, {n_expr} expressions, {args.proposer} proposals "
           f"({args.m2f if args.proposer == 'mask2former' else args.proposals}), {args.model}, {args.device}")
+    results: dict = {}
+    write_json(args.json, args, results)  # the setup, before anything is timed
     # Warm-up, untimed: loads spaCy, builds CUDA kernels and autotunes, for both modes alike.
     run_copatch(model, samples[:1], args, "32-true")
-    results = {}
     if args.mode in ("both", "copatch"):
         results["copatch"] = run_copatch(model, samples, args, "32-true")
+        write_json(args.json, args, results)
         if args.bf16:
             m2f = getattr(model.proposer, "forward_dtype", None)
             if args.proposer == "mask2former":
                 model.proposer.forward_dtype = torch.bfloat16
             run_copatch(model, samples[:1], args, "bf16-mixed")  # warm-up of the bf16 kernels
             results["copatch-bf16"] = run_copatch(model, samples, args, "bf16-mixed")
+            write_json(args.json, args, results)
             if args.proposer == "mask2former":
                 model.proposer.forward_dtype = m2f
     if args.mode in ("both", "reference"):
         results["reference"] = run_reference(model, samples, args)
+        write_json(args.json, args, results)
+    if args.compile and args.mode in ("both", "copatch"):  # last: a long compile never costs the other modes
+        m2f = model.proposer.forward_dtype
+        model.proposer.forward_dtype = torch.bfloat16
+        results["copatch-bf16-compile"] = run_compiled(model, samples, args)
+        model.proposer.forward_dtype = m2f
+        write_json(args.json, args, results)
+        if "error" in results["copatch-bf16-compile"]:
+            print(f"copatch-bf16-compile: {results['copatch-bf16-compile']['error']}")
     for name, r in results.items():
+        if "error" in r:
+            continue
         print(f"{name:>13}: {n_expr / r['seconds']:8.2f} expressions/s  {args.images / r['seconds']:7.2f} images/s  "
               f"({r['seconds']:.1f} s)  peak memory {r['peak']}")
     if "reference" in results and "copatch" in results:
-        for name in ("copatch", "copatch-bf16"):
-            if name in results:
+        for name in ("copatch", "copatch-bf16", "copatch-bf16-compile"):
+            if name in results and "error" not in results[name]:
                 ratio = results["reference"]["seconds"] / results[name]["seconds"]
                 print(f"speed-up of {name} over the reference loop: {ratio:.1f}x")
         if results["reference"]["picks"] != results["copatch"]["picks"]:
             diff = [k for k, v in results["copatch"]["picks"].items() if results["reference"]["picks"][k] != v]
             sys.exit(f"the two paths picked different masks for {len(diff)} expressions, e.g. {diff[:5]}")
         print(f"both paths picked the same mask for all {n_expr} expressions (fp32)")
-    if "copatch-bf16" in results:
-        same = sum(results["copatch-bf16"]["picks"][k] == v for k, v in results["copatch"]["picks"].items())
-        print(f"bf16 autocast kept the fp32 pick for {same}/{n_expr} expressions")
+    for name in ("copatch-bf16", "copatch-bf16-compile"):
+        if name in results and "error" not in results[name]:
+            same = sum(results[name]["picks"][k] == v for k, v in results["copatch"]["picks"].items())
+            print(f"{name} kept the fp32 pick for {same}/{n_expr} expressions")
     if args.profile:
         results["profile"] = profile(model, samples, args)
     return results

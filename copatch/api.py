@@ -188,9 +188,10 @@ def make_sample(image: Any, expressions: str | Sequence[str], image_id: int | st
                        expressions=[Expression(id=i, text=t) for i, t in enumerate(texts)], file_name=file_name)
 
 
-def as_proposals(proposals: Any, size: tuple[int, int]) -> Proposals:
+def as_proposals(proposals: Any, size: tuple[int, int], reduced: tuple[int, int] | None = None) -> Proposals:
     """`[N, H, W]` masks (tensor, array or nested lists) or `Proposals` -> `Proposals` with `masks`
-    `[N, H, W] bool`, checked against the image size `(H, W)`.
+    `[N, H, W] bool`, checked against the image size `(H, W)` (or `reduced`, when given: the size
+    `CoPatch(max_side=...)` works at, `copatch.resize.reduced_size`).
 
     Masks must be bool or hold only 0 and 1; soft masks are refused (module docstring).
 
@@ -210,9 +211,10 @@ def as_proposals(proposals: Any, size: tuple[int, int]) -> Proposals:
         if not (masks.dtype == np.bool_ or np.issubdtype(masks.dtype, np.number)):
             raise UserTypeError(f"proposals must be [N, H, W] bool masks (a tensor or an array), got "
                                 f"{type(proposals).__name__} of dtype {masks.dtype}")
-    if masks.ndim != 3 or tuple(masks.shape[1:]) != size:
+    if masks.ndim != 3 or (tuple(masks.shape[1:]) != tuple(size) and tuple(masks.shape[1:]) != reduced):
         hint = " (one mask? add a leading axis: mask[None])" if masks.ndim == 2 else ""
-        raise UserValueError(f"proposals must be [N, H, W] masks at the image size {size}, got "
+        also = "" if reduced is None else f" (or the max_side size {tuple(reduced)})"
+        raise UserValueError(f"proposals must be [N, H, W] masks at the image size {size}{also}, got "
                              f"{tuple(masks.shape)}{hint}")
     is_tensor = isinstance(masks, torch.Tensor)
     if masks.dtype != (torch.bool if is_tensor else np.bool_):

@@ -21,6 +21,7 @@ from torch import nn
 
 from copatch.downloads import download_for_clip, fetch_hint
 from copatch.errors import UserError, UserFileNotFound, UserValueError, knob
+import copatch.siglip  # noqa: E402,F401  (registers the tiny SigLIP-layout timm tower of copatch-tiny-siglip)
 
 log = logging.getLogger("copatch")
 
@@ -99,8 +100,13 @@ def create_clip(model_name: str, pretrained: str | None = None, model_config: st
         log.warning("CLIP %s has random weights (no clip_pretrained given): the masks are meaningless.",
                     model_name)
     try:
-        model = open_clip.create_model(model_name, pretrained=pretrained or None, precision="fp32")
-    except (RuntimeError, AssertionError, KeyError, ValueError, EOFError, pickle.UnpicklingError, OSError) as err:
+        if pretrained and _mmap_loadable(pretrained):
+            model = _random_model(model_name)
+            load_weights(model, pretrained)
+        else:
+            model = open_clip.create_model(model_name, pretrained=pretrained or None, precision="fp32")
+    except (RuntimeError, AssertionError, KeyError, ValueError, EOFError, pickle.UnpicklingError, OSError,
+            AttributeError) as err:  # AttributeError: a SigLIP checkpoint (logit_bias) into a CLIP config
         # open_clip reports a mismatch as a load_state_dict RuntimeError or an assertion in its pos-embed
         # resize, and an unreadable file as whatever torch.load / safetensors raise: which one it was is
         # decided by reading the file on its own, not by the wording of the error.
@@ -120,10 +126,86 @@ def create_clip(model_name: str, pretrained: str | None = None, model_config: st
                 f"work from the local hub cache here: download the open_clip checkpoint file on a machine with "
                 f"internet and pass its path as {knob('clip_pretrained')}.") from err
         raise
-    if not getattr(model.visual.transformer, "batch_first", True):
+    if not getattr(getattr(model.visual, "transformer", None), "batch_first", True):  # a timm tower has none
         raise RuntimeError("copatch needs open_clip >= 2.32 (batch-first transformer blocks); "
                            f"found open_clip {open_clip.__version__}: pip install 'open_clip_torch>=2.32,<4'.")
     return model.eval().requires_grad_(False)
+
+
+def _mmap_loadable(pretrained: str) -> bool:
+    """A local PyTorch checkpoint file (not safetensors or numpy, which open_clip reads its own way)."""
+    return os.path.isfile(pretrained) and not pretrained.endswith((".safetensors", ".npz", ".npy"))
+
+
+class _DropRandomInitWarning(logging.Filter):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" for the model that
+    `load_weights` fills right after; that warning would be false."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+def _random_model(model_name: str) -> nn.Module:
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(drop)
+    try:
+        return open_clip.create_model(model_name, pretrained=None, precision="fp32")
+    finally:
+        root.removeFilter(drop)
+
+
+def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """The state dict of a PyTorch checkpoint file, memory-mapped (`torch.load(mmap=True,
+    weights_only=True)`): the tensors are views of the file's pages, read when first used, so reading
+    costs no copy in memory. A file of the legacy (non-zip) format, which cannot be mapped, is read
+    plainly. Unwrapped as open_clip does: a `state_dict` entry, a `module.` prefix (DDP)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not checkpoint:
+        raise ValueError(f"{path} holds no state dict (a {type(checkpoint).__name__})")
+    if next(iter(checkpoint)).startswith("module."):
+        checkpoint = {k[len("module."):]: v for k, v in checkpoint.items()}
+    return checkpoint
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load the checkpoint `path` into the open_clip `model` with host memory near one copy of it.
+
+    open_clip's own loading (`torch.load` of the whole file, then `load_state_dict` copying into the
+    randomly initialised model) holds two copies at its peak: 8.6 GB for ViT-H/14's 3.9 GB file. Here
+    the file is memory-mapped (`read_checkpoint`) and its tensors become the model's own
+    (`load_state_dict(assign=True)`), so the random ones are freed and the weights are not copied on
+    the host; moving the model to a GPU then reads them from the mapped file (the page cache). The
+    state dict goes through open_clip's conversions first (other formats, the custom-text layout, the
+    shape of logit_scale, position embeddings resized), as `open_clip.load_checkpoint` does. A tensor
+    stored in another dtype than the model's (e.g. fp16) is converted (that one is copied).
+    """
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    state_dict = convert_state_dict(model, read_checkpoint(path))
+    if "positional_embedding" in state_dict and not hasattr(model, "positional_embedding"):
+        state_dict = convert_to_custom_text_state_dict(state_dict)
+    for key in ("logit_scale", "logit_bias"):
+        ours = getattr(model, key, None)
+        if key in state_dict and ours is not None and ours.ndim != state_dict[key].ndim:
+            state_dict[key] = state_dict[key].reshape(ours.shape)
+    if "logit_bias" not in state_dict and getattr(model, "logit_bias", None) is not None:
+        state_dict["logit_bias"] = torch.zeros_like(state_dict["logit_scale"])
+    state_dict.pop("text.transformer.embeddings.position_ids", None)
+    resize_pos_embed(state_dict, model)
+    resize_text_pos_embed(state_dict, model)
+    own = model.state_dict(keep_vars=True)
+    for key, value in state_dict.items():
+        if key in own and value.dtype != own[key].dtype:
+            state_dict[key] = value.to(own[key].dtype)
+    model.load_state_dict(state_dict, strict=True, assign=True)
 
 
 def _fetch_sentence(model_name: str, path: str) -> str:

@@ -250,7 +250,8 @@ class Mask2FormerProposer(nn.Module):
             call for the same image (same id *and* same pixels) with the same settings loads them
             instead of running the model. An entry of another image with that id (datasets whose
             ids collide) is not used: recomputed and overwritten, with a warning. A cache_dir of
-            the old layout (no content hash) is refused.
+            the old layout (no content hash) is refused. Entries are written by a background thread
+            (atomic; flushed at the end of a predict run, `copatch.proposal_cache.flush_writes`).
         threshold: a pixel is in a mask when `sigmoid(logit) > threshold` (reference: 0.35).
         config: a `transformers.Mask2FormerConfig` to build a randomly initialised model instead
             of loading `model_dir` (tests); exactly one of `model_dir` / `config`.
@@ -329,7 +330,7 @@ class Mask2FormerProposer(nn.Module):
         self.batching = batching
         # Keyed by settings, image id and image content (copatch.proposal_cache); refuses a cache_dir
         # of the old layout (entries without a content hash) here, at construction.
-        self.cache = None if self.cache_dir is None else ProposalCache(self.cache_dir, self.settings())
+        self.cache = None if self.cache_dir is None else ProposalCache(self.cache_dir, self.settings(), background=True)
         # Non-persistent buffers: they follow `.to(device)` but stay out of checkpoints.
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(3, 1, 1), persistent=False)

@@ -187,7 +187,20 @@ def unique_masks(masks: Tensor) -> tuple[Tensor, Tensor]:
     n = masks.shape[0]
     if n == 0:
         return masks, torch.zeros(0, dtype=torch.int64, device=masks.device)
-    keys = list(zip(*(k.tolist() for k in _mask_checksums(masks))))
+    keys = list(zip(*torch.stack(_mask_checksums(masks)).tolist()))  # one transfer
+    # Every mask whose checksums were seen before is compared with the first mask of those checksums, all
+    # in one batched comparison (one more transfer), instead of one `torch.equal` (a sync) per mask.
+    first: dict[tuple[int, int], int] = {}
+    pairs = [(i, first.setdefault(key, i)) for i, key in enumerate(keys)]
+    pairs = [(i, j) for i, j in pairs if i != j]
+    if pairs and all(_equal_pairs(masks, pairs)):
+        kept = sorted(set(first.values()))
+        slot = {i: u for u, i in enumerate(kept)}
+        inverse = [slot[first[key]] for key in keys]
+        return _take(masks, kept), torch.tensor(inverse, dtype=torch.int64).to(masks.device, non_blocking=True)
+    if not pairs:
+        return masks, torch.arange(n, device=masks.device)
+    # A checksum collision (two different masks with the same checksums): confirm pixel for pixel.
     first_of: dict[tuple[int, int], list[int]] = {}
     inverse = [0] * n
     kept: list[int] = []
@@ -201,6 +214,30 @@ def unique_masks(masks: Tensor) -> tuple[Tensor, Tensor]:
             inverse[i] = len(kept)
             kept.append(i)
     return masks[kept], torch.tensor(inverse, dtype=torch.int64, device=masks.device)
+
+
+# Pixels compared at once by `_equal_pairs` (bool elements of each side, ~64 MiB).
+_EQUAL_BUDGET = 2**26
+
+
+def _equal_pairs(masks: Tensor, pairs: list[tuple[int, int]]) -> list[bool]:
+    """Whether `masks[i]` equals `masks[j]` pixel for pixel, for each `(i, j)`: batched comparisons
+    (in chunks that bound memory) and one transfer of the answers."""
+    pixels = max(1, masks.shape[1] * masks.shape[2])
+    chunk = max(1, _EQUAL_BUDGET // pixels)
+    index = torch.tensor(pairs, dtype=torch.int64).to(masks.device, non_blocking=True)
+    differs = []
+    for start in range(0, len(pairs), chunk):
+        a, b = index[start:start + chunk, 0], index[start:start + chunk, 1]
+        differs.append((masks.index_select(0, a) != masks.index_select(0, b)).flatten(1).any(1))
+    return [not d for d in torch.cat(differs).tolist()]
+
+
+def _take(masks: Tensor, rows: list[int]) -> Tensor:
+    """`masks[rows]` with one index copy (a slice when the rows are all of them)."""
+    if len(rows) == masks.shape[0]:
+        return masks
+    return masks.index_select(0, torch.tensor(rows, dtype=torch.int64).to(masks.device, non_blocking=True))
 
 
 def _mask_checksums(masks: Tensor) -> tuple[Tensor, Tensor]:

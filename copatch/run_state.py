@@ -382,6 +382,12 @@ WEIGHT_HPARAMS = ("clip_pretrained", "gem_pretrained", "clip_config")
 # Hyperparameters that do not change a single prediction: left out of the fingerprint.
 NOT_PREDICTION_HPARAMS = ("save_in_checkpoint", "parse_cache_dir", "parse_in_workers")
 
+# Knobs added after runs had been written, at the value that does what the code did before them: left
+# out of the fingerprint at that value, so that such a run still resumes. Set to anything else, they
+# are in it (a run with another value is another setup).
+LATER_HPARAM_DEFAULTS: dict[str, Any] = {"max_side": None, "allow_tf32": False, "batched_crops": False}
+LATER_SWITCH_DEFAULTS: dict[str, Any] = {"siglip_global": "pixels", "siglip_patch_head": "norm"}
+
 
 def model_fingerprint(model: Any, given_parser: Any = None) -> dict[str, Any]:
     """What defines a `CoPatch` model's predictions, for `run.json` (`CoPatch.fingerprint()`).
@@ -400,6 +406,14 @@ def model_fingerprint(model: Any, given_parser: Any = None) -> dict[str, Any]:
 
     hparams = {k: v for k, v in jsonable(dict(model.hparams)).items()
                if not k.startswith("_") and k not in NOT_PREDICTION_HPARAMS}
+    for key, default in LATER_HPARAM_DEFAULTS.items():
+        if key in hparams and hparams[key] == default:
+            del hparams[key]
+    if isinstance(hparams.get("switches"), dict):
+        switches = hparams["switches"].get("init_args", hparams["switches"])
+        for key, default in LATER_SWITCH_DEFAULTS.items():
+            if key in switches and switches[key] == default:
+                del switches[key]
     for key in WEIGHT_HPARAMS:  # compared by content, so a moved or renamed file is the same setup
         hparams[key] = file_fingerprint(resolve_checkpoint(hparams.get(key)))
     out: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}", "hparams": hparams,

@@ -316,6 +316,8 @@ class SamProposer(nn.Module):
             and the processor config. Loaded with `local_files_only=True`.
         cache_dir: if given, every image's proposals are stored there (`copatch.proposal_cache`,
             the stored-proposal format) and found again on a later run instead of running SAM.
+            Written by a background thread (atomic; flushed at the end of a predict run,
+            `copatch.proposal_cache.flush_writes`).
         points_per_side: the prompt grid is `points_per_side**2` points (SAM: 32; HybridGL: 8).
         points_per_batch: prompts per mask-decoder call (memory only; the masks do not depend on it).
         pred_iou_thresh: keep masks whose predicted IoU is `>` this (None: SAM's 0.88, SAM 2's 0.8;
@@ -571,7 +573,7 @@ class SamProposer(nn.Module):
         if self._cache is None:
             from copatch.proposal_cache import ProposalCache
 
-            self._cache = ProposalCache(self.cache_dir, self.settings())
+            self._cache = ProposalCache(self.cache_dir, self.settings(), background=True)
         return self._cache
 
     def preprocess(

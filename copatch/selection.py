@@ -79,22 +79,50 @@ def candidates_from_iou(scores: torch.Tensor, cluster_iou: torch.Tensor, *, top_
     The module computes the IoUs of all clusters of all an image's expressions in one call, so this is
     the per-expression part of `select_candidates`.
     """
-    n = scores.shape[0]
-    top1 = int(torch.argmax(scores))
-    cluster_best = torch.argmax(cluster_iou, dim=1).tolist() if cluster_iou.shape[0] else []
-    pool = [top1, *cluster_best]
-    if keep_last_cluster:
-        return Selection(top1, cluster_best, pool)
-    return Selection(top1, cluster_best, pool[:min(top_k, n, len(pool))])
+    pool, num_candidates = candidate_pool(scores, cluster_iou, top_k=top_k, keep_last_cluster=keep_last_cluster)
+    return selection_from_pool(pool.tolist(), num_candidates, comap=True)
+
+
+def candidate_pool(scores: torch.Tensor, cluster_iou: torch.Tensor, *, top_k: int = 3,
+                   keep_last_cluster: bool = False) -> tuple[torch.Tensor, int]:
+    """`candidates_from_iou` without leaving the device: `(pool, C)`.
+
+    `pool` is `[1 + k] int64` on the scores' device, `[g, b_1, ..., b_k]`; the candidates are its first
+    `C` entries, and `C` depends on shapes only, so nothing is read back from the device.
+    """
+    n, k = scores.shape[0], cluster_iou.shape[0]
+    top1 = torch.argmax(scores).reshape(1)
+    pool = torch.cat([top1, torch.argmax(cluster_iou, dim=1).to(top1.device)]) if k else top1
+    return pool, (1 + k if keep_last_cluster else min(top_k, n, 1 + k))
+
+
+def top_k_pool(scores: torch.Tensor, top_k: int = 3) -> tuple[torch.Tensor, int]:
+    """`select_top_k` on the device: `(the min(k, N) best indices, best first, C = min(k, N))`."""
+    c = min(top_k, scores.shape[0])
+    return torch.topk(scores, k=c).indices, c
+
+
+def selection_from_pool(pool: list[int], num_candidates: int, comap: bool) -> Selection:
+    """The `Selection` of a pool read back from the device (`candidate_pool`, or `top_k_pool` without
+    CoMap)."""
+    if comap:
+        return Selection(pool[0], pool[1:], pool[:num_candidates])
+    return Selection(pool[0], [], pool[:num_candidates])
 
 
 def select_top_k(scores: torch.Tensor, top_k: int = 3) -> Selection:
     """Baseline candidates: the `min(k, N)` best proposals by global-local score, best first."""
-    best = torch.topk(scores, k=min(top_k, scores.shape[0])).indices.tolist()
-    return Selection(best[0], [], best)
+    pool, c = top_k_pool(scores, top_k)
+    return selection_from_pool(pool.tolist(), c, comap=False)
 
 
 def pick_by_score(selection: Selection, scores: torch.Tensor) -> tuple[int, list[float]]:
     """Pick without spatial guidance: the candidate with the best global-local score (first maximum)."""
     cand_scores = scores[selection.candidates]
     return selection.candidates[int(torch.argmax(cand_scores))], cand_scores.tolist()
+
+
+def pick_by_score_index(candidates: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pick_by_score` on the device: `(position of the pick in candidates (0-d), [C] candidate scores)`."""
+    cand_scores = scores.index_select(0, candidates)
+    return torch.argmax(cand_scores), cand_scores

@@ -104,18 +104,40 @@ def relation_scores(candidates: list[int], boxes: torch.Tensor, logits: torch.Te
     return torch.softmax(pairs.double().sum(dim=1).float(), dim=0)
 
 
+def _direction_row(direction: str, width: int) -> torch.Tensor:
+    if direction == "left":
+        return torch.linspace(1, 0, width)
+    if direction == "right":
+        return torch.linspace(0, 1, width)
+    if direction == "middle":
+        return torch.cat([torch.linspace(0, 1, width // 2), torch.linspace(1, 0, width - width // 2)])
+    return torch.ones(width)
+
+
+# (direction, W, device) -> `[W]` row on that device: the map is the row repeated down the image, so one
+# small row per image width is built (on the CPU, where its values are defined) and copied once.
+_DIRECTION_ROWS: dict[tuple[str, int, str], torch.Tensor] = {}
+_DIRECTION_ROWS_MAX = 64
+
+
 def direction_mask(direction: str, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
     """`[H, W]` weights favouring the named side: left falls 1 -> 0, right rises 0 -> 1, middle is a
-    triangle 0 -> 1 -> 0 (`cat(linspace(0, 1, W // 2), linspace(1, 0, W - W // 2))`); others are ones."""
-    if direction == "left":
-        row = torch.linspace(1, 0, width)
-    elif direction == "right":
-        row = torch.linspace(0, 1, width)
-    elif direction == "middle":
-        row = torch.cat([torch.linspace(0, 1, width // 2), torch.linspace(1, 0, width - width // 2)])
-    else:
-        row = torch.ones(width)
-    return row.expand(height, width).to(device)
+    triangle 0 -> 1 -> 0 (`cat(linspace(0, 1, W // 2), linspace(1, 0, W - W // 2))`); others are ones.
+
+    A broadcast view of a cached `[W]` row on `device`: after the first image of a width, no host
+    work and no transfer (the values are those of the CPU `linspace`, copied once per width and device).
+    """
+    direction = direction if direction in ("left", "right", "middle") else "none"
+    key = (direction, int(width), str(torch.device(device) if device is not None else torch.device("cpu")))
+    row = _DIRECTION_ROWS.get(key)
+    if row is None:
+        if len(_DIRECTION_ROWS) >= _DIRECTION_ROWS_MAX:
+            _DIRECTION_ROWS.clear()
+        row = _direction_row(direction, width)
+        if device is not None:
+            row = row.to(device, non_blocking=True)
+        _DIRECTION_ROWS[key] = row
+    return row.expand(height, width)
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:
@@ -146,6 +168,13 @@ def coherence_scores(weights: torch.Tensor, masks: torch.Tensor, relation: str =
 def final_pick(candidates: list[int], sr: torch.Tensor, sc: torch.Tensor, alpha: float,
                nan_policy: str = "wins") -> tuple[int, torch.Tensor]:
     """`(chosen proposal, [C] final scores)` with final = (1 - alpha) * sr + alpha * sc."""
+    best, final = final_pick_index(sr, sc, alpha, nan_policy)
+    return candidates[int(best)], final
+
+
+def final_pick_index(sr: torch.Tensor, sc: torch.Tensor, alpha: float,
+                     nan_policy: str = "wins") -> tuple[torch.Tensor, torch.Tensor]:
+    """`final_pick` on the device: `(position of the pick among the candidates (0-d), [C] final scores)`."""
     final = (1 - alpha) * sr + alpha * sc
     ranked = final if nan_policy == "wins" else torch.nan_to_num(final, nan=float("-inf"))
-    return candidates[int(torch.argmax(ranked))], final
+    return torch.argmax(ranked), final

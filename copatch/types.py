@@ -41,7 +41,8 @@ class ImageSample:
 
     Attributes:
         image_id: the dataset's image id.
-        image: `[3, H, W] uint8` RGB at the original resolution.
+        image: `[3, H, W] uint8` RGB at the original resolution. (With `CoPatch(max_side=...)` the
+            stages of a large image get a reduced copy of its sample, `CoPatch.working_sample`.)
         expressions: the `E` expressions on this image, in a deterministic order.
         targets: `[E, H, W] bool` ground truth per expression, or None when unknown.
         instance_masks: `[A, H, W] bool` every annotated instance of the image (for the
@@ -216,9 +217,16 @@ def match_score(mask_scores: torch.Tensor, masks: torch.Tensor, chosen: int) -> 
     Returns:
         A float in [0, 1], or None when the scores are not finite.
     """
+    value = float(match_score_tensor(mask_scores, masks, masks[chosen][None]))
+    return value if math.isfinite(value) else None
+
+
+def match_score_tensor(mask_scores: torch.Tensor, masks: torch.Tensor, chosen_mask: torch.Tensor) -> torch.Tensor:
+    """`match_score` left on the device: a 0-d float64 tensor (NaN when the scores are not finite).
+
+    `chosen_mask` is `[1, H, W]`, the chosen proposal's mask, so that no index is read back."""
     from copatch.masks import pairwise_iou
 
     p = mask_scores.detach().double().softmax(0)
-    overlap = pairwise_iou(masks[chosen][None].bool(), masks.bool())[0].to(p.device, p.dtype)
-    value = float((p * overlap).sum().clamp(0.0, 1.0))
-    return value if math.isfinite(value) else None
+    overlap = pairwise_iou(chosen_mask.bool(), masks.bool())[0].to(p.device, p.dtype)
+    return (p * overlap).sum().clamp(0.0, 1.0)

@@ -238,6 +238,18 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """`(H, W)` of each image, in index order, from the file headers (PIL reads no pixels); `(1, 1)`
+        for an image that cannot be opened (it is recorded as a failure when read)."""
+        sizes = []
+        for entry in self.entries:
+            try:
+                with Image.open(entry.path) as im:
+                    sizes.append((im.height, im.width))
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                sizes.append((1, 1))
+        return sizes
+
     def __getitem__(self, index: int) -> ImageSample:
         entry = self.entries[index]
         image, error = read_image(entry.path)
@@ -267,15 +279,16 @@ class FolderDataset(Dataset):
 class FolderDataModule(SampleDataModule):
     """Predict-only DataModule over a folder of your own images and an expressions file.
 
-    Args: as `FolderDataset`, plus `batch_size` (images per batch) and `num_workers`. The candidate
+    Args: as `FolderDataset`, plus `batch_size` (images per batch), `num_workers` and `group_by_size`
+    (`SampleDataModule`: batches of one model input size, sizes read from the file headers). The candidate
     masks come from the model's proposer: stored proposals named by the image ids
     (`configs/data/folder.yaml`), or SAM / Mask2Former / the demo's colour regions
     (`configs/proposers/`).
     """
 
     def __init__(self, root: str, expressions: str | None = None, batch_size: int = 1, num_workers: int = 0,
-                 limit: int | None = None) -> None:
-        super().__init__(batch_size, num_workers)
+                 limit: int | None = None, group_by_size: bool = False) -> None:
+        super().__init__(batch_size, num_workers, group_by_size)
         self.save_hyperparameters()
         self.root, self.expressions, self.limit = root, expressions, limit
 

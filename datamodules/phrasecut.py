@@ -265,6 +265,10 @@ class PhraseCutDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """`(H, W)` of each image, in index order, from the annotations (no image is read)."""
+        return [(e.height, e.width) for e in self.entries]
+
     def __getitem__(self, index: int) -> ImageSample:
         entry = self.entries[index]
         if self.on_bad_image == "raise":
@@ -295,7 +299,8 @@ class PhraseCutDataset(Dataset):
 class PhraseCutDataModule(SampleDataModule):
     """Predict-only DataModule over one PhraseCut split; batches are `list[ImageSample]`.
 
-    Args: as `PhraseCutDataset`, plus `batch_size` (images per batch) and `num_workers`.
+    Args: as `PhraseCutDataset`, plus `batch_size` (images per batch), `num_workers` and `group_by_size`
+    (`SampleDataModule`: batches of one model input size).
     A bad image does not stop a run: the dataset records it (`on_bad_image="record"`).
     """
 
@@ -307,8 +312,9 @@ class PhraseCutDataModule(SampleDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         limit: int | None = None,
+        group_by_size: bool = False,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        super().__init__(batch_size, num_workers, group_by_size)
         check_split(split)  # fail at config time, not in setup
         self.save_hyperparameters()
         self.root, self.split, self.image_root, self.limit = root, split, image_root, limit

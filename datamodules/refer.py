@@ -290,6 +290,10 @@ class ReferDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """`(H, W)` of each image, in index order, from the annotations (no image is read)."""
+        return [(e.height, e.width) for e in self.entries]
+
     def _mask(self, ann_id: int, entry: _ImageEntry) -> torch.Tensor:
         m = annotation_mask(self._segmentations[ann_id], entry.height, entry.width, self.gt_mask_rule)
         if m.shape != (entry.height, entry.width):  # an RLE 'size' can disagree with the image entry
@@ -324,7 +328,8 @@ class ReferDataset(Dataset):
 class ReferDataModule(SampleDataModule):
     """Predict-only DataModule over one REFER split; batches are `list[ImageSample]`.
 
-    Args: as `ReferDataset`, plus `batch_size` (images per batch) and `num_workers`.
+    Args: as `ReferDataset`, plus `batch_size` (images per batch), `num_workers` and `group_by_size`
+    (`SampleDataModule`: batches of one model input size).
     A bad image does not stop a run: the dataset records it (`on_bad_image="record"`).
     """
 
@@ -339,8 +344,9 @@ class ReferDataModule(SampleDataModule):
         num_workers: int = 0,
         gt_mask_rule: str = "union",
         limit: int | None = None,
+        group_by_size: bool = False,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        super().__init__(batch_size, num_workers, group_by_size)
         if gt_mask_rule not in ("union", "sum_eq_1"):  # fail at config time, not in setup
             raise ValueError(f"gt_mask_rule must be 'union' or 'sum_eq_1', got {gt_mask_rule!r}")
         check_split(dataset, split_by, split)

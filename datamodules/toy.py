@@ -192,10 +192,12 @@ class ToyReferDataModule(ReferDataModule):
         batch_size: int = 2,
         num_workers: int = 0,
         limit: int | None = None,
+        group_by_size: bool = False,
     ) -> None:
         super().__init__(
             root=root, dataset="toy", split_by="unc", split=split, image_root=None,
             batch_size=batch_size, num_workers=num_workers, gt_mask_rule="union", limit=limit,
+            group_by_size=group_by_size,
         )
         self.num_images, self.seed = num_images, seed
 

@@ -154,3 +154,12 @@ def test_transform_resizes_and_normalises():
     # A flat image stays flat through PIL's bicubic.
     flat = torch.full((3, 37, 23), 200, dtype=torch.uint8)
     torch.testing.assert_close(gem_transform(flat, size=16), ((torch.full((3, 16, 16), 200.0) / 255) - mean) / std)
+
+
+def test_images_of_a_batch_give_the_features_of_one_image_at_a_time(tiny_backbone):
+    # `CoPatch.gem_together` runs the GEM inputs of a batch's images in one forward.
+    torch.manual_seed(2)
+    pixels = torch.randn(3, 3, 128, 128)
+    together = gem_patch_features(tiny_backbone.model, pixels, depth=3)
+    alone = torch.cat([gem_patch_features(tiny_backbone.model, pixels[i:i + 1], depth=3) for i in range(3)])
+    assert torch.equal(together, alone)

@@ -110,3 +110,40 @@ def test_input_normalisation_and_crop_fill_switches(tiny_backbone):
     torch.testing.assert_close(clip[:, 0, 0], torch.tensor(expected))
     assert crop_fill_value(Switches(), torch.device("cpu")).flatten().tolist() == pytest.approx(list(IMAGENET_MEAN))
     assert crop_fill_value(Switches(crop_fill="mean_colour"), torch.device("cpu")).abs().sum() == 0
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (7, 5), (64, 64), (70, 90), (300, 500), (3, 640), (64, 1000)])
+def test_resize_matrices_are_the_antialiased_bilinear_resize(h, w):
+    from copatch.image_features import aa_bilinear_weights
+
+    torch.manual_seed(0)
+    x = torch.randn(3, h, w)
+    wy = aa_bilinear_weights(torch.tensor([h]), 64, h)[0]
+    wx = aa_bilinear_weights(torch.tensor([w]), 64, w)[0]
+    expected = TF.resize(x, [64, 64], antialias=True)
+    torch.testing.assert_close(wy @ x @ wx.T, expected, rtol=0, atol=2e-6)
+
+
+def test_batched_crops_are_the_per_proposal_crops_within_rounding(tiny_backbone):
+    from copatch.image_features import crop_batches
+    from copatch.masks import masks_to_boxes
+
+    torch.manual_seed(3)
+    image = torch.randn(3, 70, 90)
+    masks = torch.cat([_masks(70, 90), torch.rand(9, 70, 90) > 0.7])
+    fill = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    crops = crop_boxes(masks_to_boxes(masks), 70, 90)
+    loop = []
+    for i, (top, left, h, w) in enumerate(crops):
+        m = masks[i, top:top + h, left:left + w].float()
+        loop.append(TF.resize(image[:, top:top + h, left:left + w] * m + (1 - m) * fill, [64, 64], antialias=True))
+    chunks = list(crop_batches(image, masks, crops, fill, 64, chunk=5))
+    assert [c.shape[0] for c in chunks] == [5, 5, 3]
+    torch.testing.assert_close(torch.cat(chunks), torch.stack(loop), rtol=0, atol=2e-6)
+    # Through the encoder, on the module's switch.
+    kw = dict(exit_layer=0, visual_mix=0.5, token_mask_blocks=3)
+    exact = image_features(tiny_backbone, (image.clamp(-2, 2) * 60 + 128).to(torch.uint8), masks, Switches(), **kw)
+    fast = image_features(tiny_backbone, (image.clamp(-2, 2) * 60 + 128).to(torch.uint8), masks, Switches(),
+                          batched_crops=True, **kw)
+    torch.testing.assert_close(fast.mask_embeddings, exact.mask_embeddings, rtol=0, atol=1e-5)
+    assert torch.equal(fast.patch_embeddings, exact.patch_embeddings)

@@ -189,3 +189,24 @@ def test_packed_masks_round_trip_and_match_numpy_bit_order(size):
     assert (expected == flat).all()
     assert torch.equal(unpack_masks(bits, size), masks)
     assert unpack_masks(pack_masks(masks[:0]), size).shape == (0, *size)
+
+
+def test_unique_masks_checks_duplicates_in_one_batch_without_a_sync_per_mask(monkeypatch):
+    import copatch.masks as masks_module
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.rand(6, 20, 30, generator=g) > 0.5
+    empty = torch.zeros(40, 20, 30, dtype=torch.bool)  # Mask2Former-like: many empty masks, duplicates
+    masks = torch.cat([base, empty, base[[5, 0, 0, 3]], base])
+    equal_calls, tolist_calls = [], []
+    monkeypatch.setattr(masks_module.torch, "equal", lambda *a: equal_calls.append(1) or True)
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: tolist_calls.append(1) or original(t))
+    distinct, inverse = masks_module.unique_masks(masks)
+    monkeypatch.undo()
+    assert equal_calls == [] and len(tolist_calls) == 2  # the checksums, then the batched comparison
+    assert distinct.shape[0] == 7 and torch.equal(distinct[inverse], masks)
+    assert inverse.tolist() == list(range(6)) + [6] * 40 + [5, 0, 0, 3] + list(range(6))
+    # All distinct: the stack itself, unchanged.
+    distinct, inverse = masks_module.unique_masks(base)
+    assert torch.equal(distinct, base) and inverse.tolist() == list(range(6))

@@ -216,3 +216,48 @@ def test_clear_caches_starts_cold_and_changes_nothing(tiny_config, toy_root, tmp
     again = [p for b in _trainer(tmp_path).predict(model, datamodule=dm) for p in b]
     assert model.parser.misses == len({p.text for p in first})
     assert [p.candidate_scores for p in again] == [p.candidate_scores for p in first]
+
+
+def _everything(preds):
+    # Every field a prediction records (repr, so that NaN scores compare equal).
+    return [repr((p.expression_id, p.chosen, p.candidates, p.candidate_scores, p.clusters.tolist(), p.extras,
+                  p.score, p.iou, p.oracle_iou, p.inter, p.union, p.oracle_inter, p.oracle_union))
+            + repr(p.mask.tolist()) for p in preds]
+
+
+class _PerExpression(CoPatch):
+    """Overrides `pick` (calling it unchanged), which sends every expression through `select` and `pick`."""
+
+    def pick(self, selection, cues):
+        return super().pick(selection, cues)
+
+
+@pytest.mark.parametrize("switches", [
+    Switches(),
+    Switches(similarity_norm="channels", clustering="bfs", cluster_order="seed_score", cluster_binarize="half",
+             keep_last_cluster=True, box_format="xywh", nan_policy="loses", text_features="context"),
+    Switches(use_comap=False), Switches(spatial_guidance=False), Switches(negate_patches=False)])
+def test_the_device_path_predicts_what_the_per_expression_stages_predict(tiny_config, toy_root, switches):
+    samples = list(ReferDataset(str(toy_root), split="val"))
+    fast = _model(tiny_config, switches=switches)
+    torch.manual_seed(0)
+    slow = _PerExpression(clip_config=tiny_config, exit_layer=1, gem_depth=3, gem_size=128, switches=switches,
+                          proposer=GroundTruthProposals())
+    assert _everything(fast.predict_step(samples)) == _everything(slow.predict_step(samples))
+
+
+def test_a_batch_of_images_predicts_what_one_image_at_a_time_predicts(tiny_config, toy_root):
+    # GEM runs over the images of the batch at once (`gem_together`); the rest per image.
+    samples = list(ReferDataset(str(toy_root), split="val"))
+    model = _model(tiny_config)
+    together = model.predict_step(samples)
+    alone = [p for s in samples for p in model.predict_step([s])]
+    assert len(samples) > 2 and _everything(together) == _everything(alone)
+
+
+def test_batched_crops_is_a_switch_that_keeps_the_picks_here(tiny_config, toy_root):
+    samples = list(ReferDataset(str(toy_root), split="val"))
+    exact = _model(tiny_config).predict_step(samples)
+    fast = _model(tiny_config, batched_crops=True).predict_step(samples)
+    assert [p.chosen for p in fast] == [p.chosen for p in exact]
+    assert _model(tiny_config).hparams.batched_crops is False

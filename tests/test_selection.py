@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from copatch.selection import binarize_clusters, pick_by_score, select_candidates
@@ -55,3 +56,25 @@ def test_interim_pick_is_the_best_candidate_by_score_first_max():
     sel.candidates = [1, 3, 2]
     chosen, scores = pick_by_score(sel, torch.tensor([0.0, 1.0, 3.0, 3.0]))
     assert chosen == 3 and scores == [1.0, 3.0, 3.0]
+
+
+@pytest.mark.parametrize("keep_last", [False, True])
+@pytest.mark.parametrize("n, k", [(1, 0), (2, 3), (5, 0), (5, 1), (6, 3), (8, 2)])
+def test_the_device_pool_gives_the_same_selection(n, k, keep_last):
+    from copatch.selection import candidate_pool, candidates_from_iou, selection_from_pool
+
+    g = torch.Generator().manual_seed(n * 10 + k)
+    scores = torch.randint(0, 4, (n,), generator=g).float()  # ties: the first maximum wins
+    iou = torch.randint(0, 3, (k, n), generator=g).float() / 2
+    expected = candidates_from_iou(scores, iou, top_k=3, keep_last_cluster=keep_last)
+    pool, c = candidate_pool(scores, iou, top_k=3, keep_last_cluster=keep_last)
+    assert selection_from_pool(pool.tolist(), c, comap=True) == expected
+
+
+def test_the_device_top_k_pool_gives_the_same_selection():
+    from copatch.selection import select_top_k, selection_from_pool, top_k_pool
+
+    scores = torch.tensor([0.5, 2.0, 1.0, 2.0, -1.0])
+    for k in (1, 3, 7):
+        pool, c = top_k_pool(scores, k)
+        assert selection_from_pool(pool.tolist(), c, comap=False) == select_top_k(scores, k)

@@ -117,3 +117,25 @@ def test_empty_or_full_masks_give_nan_and_nan_wins_the_pick_like_torch_argmax():
     sr = torch.tensor([0.2, 0.3, 0.5])
     assert final_pick([7, 8, 9], sr, sc, 0.7)[0] == 7  # the first NaN wins, as in the reference
     assert final_pick([7, 8, 9], sr, sc, 0.7, nan_policy="loses")[0] == 9
+
+
+def test_direction_masks_are_cached_rows_of_the_cpu_linspace():
+    from copatch.spatial import _direction_row
+
+    for direction in ("left", "right", "middle", "none"):
+        first, again = direction_mask(direction, 7, 33), direction_mask(direction, 9, 33)
+        assert first.data_ptr() == again.data_ptr()  # one row per width, built once
+        assert torch.equal(first, _direction_row(direction, 33).expand(7, 33))
+    assert torch.equal(direction_mask("up", 2, 33), direction_mask("none", 2, 33))
+
+
+def test_final_pick_index_is_final_pick_on_the_device():
+    from copatch.spatial import final_pick_index
+
+    sr = torch.tensor([0.2, 0.5, 0.3])
+    sc = torch.tensor([0.1, float("nan"), 0.4])
+    for policy in ("wins", "loses"):
+        chosen, final = final_pick([7, 8, 9], sr, sc, 0.7, policy)
+        best, final_t = final_pick_index(sr, sc, 0.7, policy)
+        assert [7, 8, 9][int(best)] == chosen
+        torch.testing.assert_close(final, final_t, equal_nan=True, rtol=0, atol=0)

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--proposals", metavar="FILE.json", help="candidate masks of the (single) image, in the "
                                                                  "stored-proposal format (copatch/proposals.py)")
     parser.add_argument("--clip-checkpoint", metavar="FILE", help="CLIP weights (default: the preset's path)")
+    parser.add_argument("--max-side", type=int, default=None, metavar="PX",
+                        help="work on a copy of each larger image with this longer side (proposals included) and "
+                             "upsample the mask to the image's size: less memory and time on large photos "
+                             "(default: full size)")
     parser.add_argument("--out", default="outputs/segment", metavar="DIR", help="output folder (default: %(default)s)")
     return parser
 
@@ -209,6 +213,8 @@ def _read_image(path: Path) -> Any:
 def main(argv: list[str]) -> int:
     """`copatch segment ...`; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.max_side is not None and args.max_side < 1:
+        raise _error(f"--max-side {args.max_side}: give the longer side in pixels to work at (e.g. 1024), at least 1.")
     jobs = _jobs(args)  # every input checked before the model is built
     proposer = _proposer(args)
     images = [(path, _read_image(path), texts) for path, texts in jobs]
@@ -221,11 +227,13 @@ def main(argv: list[str]) -> int:
     from copatch.module import CoPatch
     from copatch.overlay import render_overlay
     from copatch.presets import PRESETS
+    from copatch.resize import resize_masks
     from copatch.run_state import jsonable
 
     if args.preset not in PRESETS:
         raise _error(f"unknown --preset {args.preset!r}: use one of {', '.join(sorted(PRESETS))}.")
-    model = CoPatch.from_preset(args.preset, clip_checkpoint=args.clip_checkpoint, proposer=proposer).eval()
+    model = CoPatch.from_preset(args.preset, clip_checkpoint=args.clip_checkpoint, proposer=proposer,
+                                max_side=args.max_side).eval()
     if torch.cuda.is_available():
         model = model.cuda()
 
@@ -240,15 +248,17 @@ def main(argv: list[str]) -> int:
         stem = path.stem if count == 1 else f"{path.stem}-{count}"
         sample = make_sample(pixels, texts, image_id=stem)
         sample.image = sample.image.to(model.device)
-        # The proposals once, for the pick and the overlay's candidates alike.
-        proposals = _read_proposals(args.proposals, sample.size) if args.proposals else model.propose(sample)
+        # The proposals once, for the pick and the overlay's candidates alike (with --max-side, computed on
+        # the reduced image; the overlay gets its candidates back at the image's size).
+        proposals = _read_proposals(args.proposals, sample.size) if args.proposals else \
+            model.propose(model.working_sample(sample))
         preds = model.segment(pixels, texts, proposals=proposals)
         masks = proposals.masks.cpu()
         for k, pred in enumerate(preds):
             mask_file, overlay_file = out / "masks" / f"{stem}_{k}.png", out / "overlays" / f"{stem}_{k}.png"
             mask = pred.mask.cpu()
             Image.fromarray(mask.numpy().astype(np.uint8) * 255).save(mask_file)
-            candidates = masks[pred.candidates] if pred.candidates else None
+            candidates = resize_masks(masks[pred.candidates], sample.size) if pred.candidates else None
             render_overlay(sample.image.cpu(), pred.text, mask, pred.clusters, candidates).save(overlay_file)
             record = {"image": str(path), "expression": pred.text, "mask": str(mask_file),
                       "overlay": str(overlay_file), "chosen": pred.chosen, "candidates": pred.candidates,

@@ -392,7 +392,8 @@ def test_config_composes(capsys: pytest.CaptureFixture) -> None:
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["data"]["class_path"] == "copatch.datamodules.phrasecut.PhraseCutDataModule"
     assert config["data"]["init_args"] == {"root": "data/phrasecut", "split": "test", "image_root": None,
-                                           "batch_size": 4, "num_workers": 4, "limit": None}
+                                           "batch_size": 4, "num_workers": 4, "limit": None,
+                                           "group_by_size": False}
     assert config["model"]["proposer"] == {"class_path": "copatch.proposals.StoredProposals",
                                            "init_args": {"root": "data/proposals/phrasecut",
                                                          "decode_in_workers": True}}
