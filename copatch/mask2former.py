@@ -30,8 +30,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -44,6 +43,7 @@ from torch.nn import functional as F
 
 from copatch.errors import UserFileNotFound, UserValueError, knob
 from copatch.proposal_cache import ProposalCache
+from copatch.model_proposer import ModelProposer
 from copatch.proposals import Proposals
 from copatch.types import ImageSample
 
@@ -238,7 +238,7 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[key]
 
 
-class Mask2FormerProposer(nn.Module):
+class Mask2FormerProposer(ModelProposer):
     """All query masks of a Mask2Former as proposals, as the reference makes them.
 
     Args:
@@ -385,15 +385,6 @@ class Mask2FormerProposer(nn.Module):
         """`Q`: the number of masks per image."""
         return int(self.model.config.num_queries)
 
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
-
-    def train(self, mode: bool = True) -> Mask2FormerProposer:
-        # Always eval: the Swin backbone has drop-path (0.3 in the reference config), which would
-        # make the masks random in train mode. Lightning calls `.train()` on the whole module.
-        return super().train(False)
-
     def extra_repr(self) -> str:
         return (
             f"model_dir={str(self.model_dir) if self.model_dir else None!r}, "
@@ -403,75 +394,12 @@ class Mask2FormerProposer(nn.Module):
         )
 
     # ---------------------------------------------------------------------------------- public
-    def __call__(self, sample: ImageSample) -> Proposals:
-        # Spelled out (nn.Module's is `*args, **kwargs`) so that jsonargparse sees that this class
-        # implements the `MaskProposer` protocol when a config names it as `proposer`.
-        return super().__call__(sample)
-
-    def forward(self, sample: ImageSample) -> Proposals:
-        """Proposals of one image: `masks [Q, H, W] bool` at the original size, `scores [Q]`."""
-        return self.propose_batch([sample.image], [sample.image_id], [sample.prepared])[0]
-
     def input_step(self) -> Mask2FormerInput:
         """The resize this proposer needs, as a step `copatch.prepare.SamplePreparer` can run in workers."""
         return Mask2FormerInput(self.min_size, self.max_size)
 
-    def propose_batch(
-        self, images: Sequence[Tensor], image_ids: Sequence[int | str] | None = None,
-        prepared: Sequence[Mapping[str, Tensor]] | None = None,
-    ) -> list[Proposals]:
-        """Proposals of several images, run through the model as one padded batch.
-
-        Args:
-            images: `B` tensors `[3, H_b, W_b] uint8` RGB, sizes may differ.
-            image_ids: the images' dataset ids; needed for the cache (ignored without one).
-            prepared: per image, `ImageSample.prepared`: a resized image made in a DataLoader
-                worker (`input_step`) is used instead of resizing here.
-
-        Returns:
-            `B` `Proposals`, each `[Q, H_b, W_b]` bool (+ `[Q]` scores) on its image's device.
-
-        Images are batched as `batching` says: by default only those of the same padded input
-        size go through the model together, so each image's masks are those it gets alone.
-        """
-        images = list(images)
-        for i, image in enumerate(images):
-            name = f"image {image_ids[i]!r}" if image_ids is not None else f"image {i}"
-            if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
-                raise ValueError(
-                    f"{name} must be a [3, H, W] uint8 RGB tensor, got "
-                    f"{tuple(image.shape)} {image.dtype}"
-                )
-            if image.shape[1] == 0 or image.shape[2] == 0:
-                raise ValueError(f"{name} is empty: {tuple(image.shape)}")
-        if image_ids is not None and len(image_ids) != len(images):
-            raise ValueError(f"{len(images)} images but {len(image_ids)} image ids")
-        if prepared is not None and len(prepared) != len(images):
-            raise ValueError(f"{len(images)} images but {len(prepared)} prepared inputs")
-        step = self.input_step()
-        resized = [
-            (prepared[i].get(step.key(tuple(image.shape[-2:]))) if prepared is not None else None)
-            for i, image in enumerate(images)
-        ]
-
-        results: list[Proposals | None] = [None] * len(images)
-        todo = list(range(len(images)))
-        if self.cache is not None and image_ids is not None:
-            todo = []
-            for i, (image, image_id) in enumerate(zip(images, image_ids)):
-                # None on a miss, and for an entry made from another image with this id.
-                loaded = self.cache.load(image_id, image)
-                if loaded is not None:
-                    results[i] = self._to(loaded, image.device)
-                else:
-                    todo.append(i)
-        for group in self._groups(images, todo):
-            computed = self._run([images[i] for i in group], [resized[i] for i in group])
-            for i, proposals in zip(group, computed):
-                if self.cache is not None and image_ids is not None:
-                    self.cache.save(image_ids[i], images[i], proposals)
-                results[i] = self._to(proposals, images[i].device)
-        return results  # type: ignore[return-value]
+    def _proposal_cache(self) -> ProposalCache | None:
+        return self.cache
 
     def padded_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """The model input size `(Hp, Wp)` of an `(H, W)` image run alone (resize, then pad)."""
@@ -544,15 +472,6 @@ class Mask2FormerProposer(nn.Module):
             out.append(up.sigmoid() > self.threshold)
         return torch.cat(out, dim=0)
 
-    def _autocast(self) -> Any:
-        device_type = self.device.type
-        if self.forward_dtype is None or self.forward_dtype == torch.float32:
-            # The reference runs in fp32: shut off an outer autocast (e.g. Lightning "16-mixed").
-            if device_type in ("cuda", "cpu"):
-                return torch.autocast(device_type, enabled=False)
-            return nullcontext()
-        return torch.autocast(device_type, dtype=self.forward_dtype)
-
     def _run(self, images: list[Tensor], resized: list[Tensor | None]) -> list[Proposals]:
         with torch.inference_mode():
             pixel_values, sizes = self.preprocess(images, resized)
@@ -575,11 +494,6 @@ class Mask2FormerProposer(nn.Module):
             Proposals(masks=m.clone(), scores=s.clone() if self.return_scores else None)
             for m, s in zip(masks, scores if self.return_scores else [None] * len(masks))
         ]
-
-    @staticmethod
-    def _to(proposals: Proposals, device: torch.device) -> Proposals:
-        scores = None if proposals.scores is None else proposals.scores.to(device)
-        return Proposals(masks=proposals.masks.to(device), scores=scores)
 
     def settings(self) -> dict[str, Any]:
         """What determines the masks besides the image: the cache's key (`copatch.proposal_cache`).

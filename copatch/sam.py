@@ -53,7 +53,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,6 +64,7 @@ from torchvision.ops import batched_nms
 
 from copatch.errors import UserFileNotFound, UserValueError, knob
 from copatch.mask2former import _parse_dtype, resize_uint8
+from copatch.model_proposer import ModelProposer
 from copatch.proposals import Proposals
 from copatch.types import ImageSample
 
@@ -307,7 +307,7 @@ def _size_value(size: Any, key: str) -> int | None:
     return None if value is None else int(value)
 
 
-class SamProposer(nn.Module):
+class SamProposer(ModelProposer):
     """Candidate masks from SAM's automatic mask generator (segment-anything's defaults).
 
     Args:
@@ -466,14 +466,6 @@ class SamProposer(nn.Module):
         self.register_buffer("pixel_std", (std * scale).float().view(3, 1, 1), persistent=False)
 
     # ------------------------------------------------------------------------------ properties
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
-
-    def train(self, mode: bool = True) -> SamProposer:
-        # Always eval (no dropout / drop-path randomness); Lightning calls `.train()` on the host.
-        return super().train(False)
-
     def extra_repr(self) -> str:
         return (
             f"model_dir={str(self.model_dir) if self.model_dir else None!r}, "
@@ -502,69 +494,9 @@ class SamProposer(nn.Module):
         }
 
     # ---------------------------------------------------------------------------------- public
-    def __call__(self, sample: ImageSample) -> Proposals:
-        # Spelled out (nn.Module's is `*args, **kwargs`) so that jsonargparse sees the `MaskProposer`
-        # protocol when a config names this class as `proposer`.
-        return super().__call__(sample)
-
-    def forward(self, sample: ImageSample) -> Proposals:
-        """Proposals of one image: `masks [N, H, W] bool` at the original size, `scores [N]`."""
-        return self.propose_batch([sample.image], [sample.image_id], [sample.prepared])[0]
-
     def input_step(self) -> SamInput | None:
         """The resize this proposer needs, as a step `copatch.prepare.SamplePreparer` runs in workers."""
         return None if self.sam2 else SamInput(self.longest_side)
-
-    def propose_batch(
-        self, images: Sequence[Tensor], image_ids: Sequence[int | str] | None = None,
-        prepared: Sequence[Mapping[str, Any]] | None = None,
-    ) -> list[Proposals]:
-        """Proposals of several images; their embeddings come from one vision-encoder forward.
-
-        Args:
-            images: `B` tensors `[3, H_b, W_b] uint8` RGB, sizes may differ.
-            image_ids: the images' dataset ids; needed for the cache (ignored without one).
-            prepared: per image, `ImageSample.prepared`: a resize made in a DataLoader worker
-                (`input_step`) is used instead of resizing here.
-
-        Returns:
-            `B` `Proposals`, each `[N_b, H_b, W_b]` bool (+ `[N_b]` predicted IoUs), on the image's device.
-        """
-        images = list(images)
-        for i, image in enumerate(images):
-            name = f"image {image_ids[i]!r}" if image_ids is not None else f"image {i}"
-            if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
-                raise UserValueError(
-                    f"{name} must be a [3, H, W] uint8 RGB tensor, got {tuple(image.shape)} {image.dtype}")
-            if image.shape[1] == 0 or image.shape[2] == 0:
-                raise UserValueError(f"{name} is empty: {tuple(image.shape)}")
-        if image_ids is not None and len(image_ids) != len(images):
-            raise UserValueError(f"{len(images)} images but {len(image_ids)} image ids")
-        if prepared is not None and len(prepared) != len(images):
-            raise UserValueError(f"{len(images)} images but {len(prepared)} prepared inputs")
-
-        cache = self._proposal_cache() if image_ids is not None else None
-        results: list[Proposals | None] = [None] * len(images)
-        todo = []
-        for i, image in enumerate(images):
-            found = cache.load(image_ids[i], image) if cache is not None else None
-            if found is not None:
-                results[i] = self._to(found, image.device)
-            else:
-                todo.append(i)
-        if todo:
-            step = self.input_step()
-            resized = [
-                prepared[i].get(step.key(tuple(images[i].shape[-2:])))
-                if prepared is not None and step is not None else None
-                for i in todo
-            ]
-            computed = self._run([images[i] for i in todo], resized)
-            for i, proposals in zip(todo, computed):
-                if cache is not None:
-                    cache.save(image_ids[i], images[i], proposals)
-                results[i] = self._to(proposals, images[i].device)
-        return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------- internals
     def _proposal_cache(self) -> Any:
@@ -702,15 +634,6 @@ class SamProposer(nn.Module):
                            self.box_nms_thresh)
         return stacked[keep], ious[keep]
 
-    def _autocast(self) -> Any:
-        device_type = self.device.type
-        if self.forward_dtype is None or self.forward_dtype == torch.float32:
-            # Float32 as segment-anything: shut off an outer autocast (e.g. Lightning "16-mixed").
-            if device_type in ("cuda", "cpu"):
-                return torch.autocast(device_type, enabled=False)
-            return nullcontext()
-        return torch.autocast(device_type, dtype=self.forward_dtype)
-
     def _run(self, images: list[Tensor], resized: list[Tensor | None]) -> list[Proposals]:
         with torch.inference_mode():
             pixel_values, sizes = self.preprocess(images, resized)
@@ -725,7 +648,3 @@ class SamProposer(nn.Module):
         return [Proposals(masks=p.masks.clone(), scores=None if p.scores is None else p.scores.clone())
                 for p in out]
 
-    @staticmethod
-    def _to(proposals: Proposals, device: torch.device) -> Proposals:
-        scores = None if proposals.scores is None else proposals.scores.to(device)
-        return Proposals(masks=proposals.masks.to(device), scores=scores)
