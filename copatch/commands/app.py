@@ -19,12 +19,13 @@ import ipaddress
 import os
 import sys
 
+from copatch.commands.options import add_model_options
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub at run time
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no analytics, no version check
 
 HELP = "the web demo: copatch app [--preset demo] [--port 7860], a Gradio page (pip install 'copatch[app]')"
 
-PROPOSERS = ("demo", "sam", "mask2former", "stored")
 MAX_SIDE = 2048  # copatch.app.MAX_SIDE (kept here so that `copatch app --help` imports nothing heavy)
 
 EXAMPLES = """examples:
@@ -40,13 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="copatch app", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Serve the web demo: upload an image, type expressions, see the chosen masks with the "
                     "candidates, CoMap clusters, similarity maps and parses. Runs offline.")
-    parser.add_argument("--preset", default="demo", help="backbone preset: demo (default, shipped), vitb32, vitb16, "
-                                                          "vith14 (these need their CLIP weights)")
-    parser.add_argument("--proposer", choices=PROPOSERS, default=None,
-                        help="candidate masks: demo (flat-colour regions; default with --preset demo), sam, "
-                             "mask2former (both need --proposer-dir), stored (<proposer-dir>/<image id>.json)")
-    parser.add_argument("--proposer-dir", metavar="DIR", help="the SAM or Mask2Former model folder")
-    parser.add_argument("--clip-checkpoint", metavar="FILE", help="CLIP weights (default: the preset's path)")
+    add_model_options(parser, "<image id>.json")
     parser.add_argument("--port", type=int, default=7860, help="port to serve on (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default: %(default)s, this machine only; 0.0.0.0 for all)")

@@ -23,12 +23,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from copatch.commands.options import add_model_options
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub at run time
 
 HELP = "masks for your own images: copatch segment IMAGE... --expression TEXT (offline with the demo preset)"
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-PROPOSERS = ("demo", "sam", "mask2former", "stored")
 
 EXAMPLES = """examples:
   copatch segment scene.png --expression "the red circle" --expression "the star on the left"
@@ -49,16 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--expressions", metavar="FILE",
                         help="one expression a line (for every image), or a .jsonl of {\"image\", \"expression\"} "
                              "(image paths relative to the file's folder)")
-    parser.add_argument("--preset", default="demo", help="backbone preset: demo (default, shipped), vitb32, vitb16, "
-                                                          "vith14 (these need their CLIP weights)")
-    parser.add_argument("--proposer", choices=PROPOSERS, default=None,
-                        help="candidate masks: demo (flat-colour regions; default with --preset demo), sam, "
-                             "mask2former (both need --proposer-dir), stored (<proposer-dir>/<image stem>.json)")
-    parser.add_argument("--proposer-dir", metavar="DIR", help="the SAM or Mask2Former model folder, or the stored "
-                                                              "proposals folder")
+    add_model_options(parser, "<image stem>.json")
     parser.add_argument("--proposals", metavar="FILE.json", help="candidate masks of the (single) image, in the "
                                                                  "stored-proposal format (copatch/proposals.py)")
-    parser.add_argument("--clip-checkpoint", metavar="FILE", help="CLIP weights (default: the preset's path)")
     parser.add_argument("--max-side", type=int, default=None, metavar="PX",
                         help="work on a copy of each larger image with this longer side (proposals included) and "
                              "upsample the mask to the image's size: less memory and time on large photos "
