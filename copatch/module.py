@@ -59,7 +59,7 @@ from copatch.switches import Switches
 from copatch.text.features import ExpressionTexts, TextFeatureCache, encode_expressions
 from copatch.text.parse_cache import CachedParser, ParseInput
 from copatch.text.parsing import ExpressionParser, ParsedExpression, SpacyParser, StanzaParser, check_stanza_resources
-from copatch.types import ImageSample, Prediction, match_score, match_score_tensor
+from copatch.types import ImageSample, Prediction, match_score, match_scores_tensor
 
 __all__ = ["CoPatch", "ExpressionCues", "format_results"]
 
@@ -822,8 +822,7 @@ class CoPatch(pl.LightningModule):
         # return Python numbers and so sync once per number. The number of candidates depends on shapes
         # only, so the layout of what is read back is known without reading anything.
         s, top_k = self.switches, self.hparams.top_k
-        pieces: list[torch.Tensor] = []
-        layouts: list[tuple[int, ...]] = []
+        picked: list[list[torch.Tensor]] = []
         chosen_masks: list[torch.Tensor] = []
         for c, cluster_iou in zip(cues, overlaps):
             if s.use_comap:
@@ -843,11 +842,14 @@ class CoPatch(pl.LightningModule):
                 best, final = pick_by_score_index(cands, c.mask_scores)
                 reported = []
             chosen = cands.index_select(0, best.reshape(1))
-            mask = c.masks.index_select(0, chosen)
-            chosen_masks.append(mask[0])
-            parts = [pool, chosen, final, *reported, match_score_tensor(c.mask_scores, c.masks, mask).reshape(1)]
-            pieces.extend(t.to(torch.float64) for t in parts)  # exact for indices and float32 scores
-            layouts.append(tuple(t.shape[0] for t in parts))
+            chosen_masks.append(c.masks.index_select(0, chosen)[0])
+            picked.append([pool, chosen, final, *reported])
+        # The match scores of all expressions: one IoU call reads the N proposals once.
+        stacked = torch.stack(chosen_masks) if chosen_masks else None
+        scores = match_scores_tensor([c.mask_scores for c in cues], cues[0].masks, stacked) if cues else None
+        pieces = [t.to(torch.float64) for e, parts in enumerate(picked)  # exact for indices and float32 scores
+                  for t in (*parts, scores[e:e + 1])]
+        layouts = [tuple(t.shape[0] for t in parts) + (1,) for parts in picked]
         values = _host(torch.cat(pieces)).tolist() if pieces else []
         preds, at = [], 0
         for i, (c, layout) in enumerate(zip(cues, layouts)):

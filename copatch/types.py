@@ -225,8 +225,20 @@ def match_score_tensor(mask_scores: torch.Tensor, masks: torch.Tensor, chosen_ma
     """`match_score` left on the device: a 0-d float64 tensor (NaN when the scores are not finite).
 
     `chosen_mask` is `[1, H, W]`, the chosen proposal's mask, so that no index is read back."""
+    return match_scores_tensor([mask_scores], masks, chosen_mask)[0]
+
+
+def match_scores_tensor(mask_scores: list[torch.Tensor], masks: torch.Tensor, chosen_masks: torch.Tensor) -> torch.Tensor:
+    """`match_score` of E expressions of one image at once, on the device: `[E]` float64.
+
+    `mask_scores` holds E `[N]` score vectors and `chosen_masks` `[E, H, W]` the chosen masks. The IoUs
+    with the N proposals are one `pairwise_iou` call for all E (exact pixel counts, so the same numbers
+    as one expression at a time), which reads the N full-resolution masks once instead of E times."""
     from copatch.masks import pairwise_iou
 
-    p = mask_scores.detach().double().softmax(0)
-    overlap = pairwise_iou(chosen_mask.bool(), masks.bool())[0].to(p.device, p.dtype)
-    return (p * overlap).sum().clamp(0.0, 1.0)
+    overlap = pairwise_iou(chosen_masks.bool(), masks.bool())  # [E, N]
+    out = []
+    for scores, row in zip(mask_scores, overlap):
+        p = scores.detach().double().softmax(0)
+        out.append((p * row.to(p.device, p.dtype)).sum().clamp(0.0, 1.0))
+    return torch.stack(out)
