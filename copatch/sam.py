@@ -63,7 +63,7 @@ from torch.nn import functional as F
 from torchvision.ops import batched_nms
 
 from copatch.errors import UserFileNotFound, UserValueError, knob
-from copatch.mask2former import _parse_dtype, resize_uint8
+from copatch.mask2former import _CONFIG_FILE, _UPSAMPLE_BUDGET, _WEIGHT_FILES, _parse_dtype, resize_uint8
 from copatch.model_proposer import ModelProposer
 from copatch.proposals import Proposals
 from copatch.types import ImageSample
@@ -84,17 +84,10 @@ BOX_NMS_THRESH = 0.7
 # SAM binarises its mask logits at 0 (`Sam.mask_threshold`).
 MASK_THRESHOLD = 0.0
 
-_CONFIG_FILE = "config.json"
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-# Float32 elements of one upsampled logit chunk (~256 MiB): bounds post-processing memory. SAM
-# upsamples a whole batch (192 masks) at once, ~9 GB at 4000 x 3000; chunking changes no value.
-_UPSAMPLE_BUDGET = 2**26
+# _CONFIG_FILE, _WEIGHT_FILES: the files of a transformers model folder, as for Mask2Former.
+# _UPSAMPLE_BUDGET bounds post-processing memory: SAM upsamples a whole batch (192 masks) at once,
+# ~9 GB at 4000 x 3000 unchunked; chunking changes no value.
 
 
 def _import_transformers() -> Any:
